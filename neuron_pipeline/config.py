@@ -1,0 +1,259 @@
+"""One typed settings object for the whole pipeline.
+
+Precedence, lowest to highest: the named profile (``neuron_pipeline/profiles/<name>.yaml``),
+a YAML config file, environment variables ``NEURON_PIPELINE__SECTION__FIELD=value``, and
+explicit overrides (CLI flags). Every error is reported as one line naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "NEURON_PIPELINE__"
+# Used by `definitions.py` (and so `dagster dev`) to find the settings without CLI flags.
+CONFIG_FILE_ENV = "NEURON_PIPELINE_CONFIG"
+PROFILE_ENV = "NEURON_PIPELINE_PROFILE"
+DEFAULT_PROFILE = "demo"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line with the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubjectSettings(_Section):
+    """The model whose neurons are explained."""
+
+    # An alias of a bundled model ("smollm2-135m-instruct"), a Hugging Face hub id,
+    # a local directory with a saved model, or a path to a .gguf file.
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(32, ge=1, description="sequences per forward pass during capture")
+    trust_remote_code: bool = False
+
+
+class CorpusSettings(_Section):
+    """Text source, cut into fixed-length token sequences."""
+
+    # "janeausten" (offline default, Debian package), a text file or folder, a .jsonl/.parquet
+    # file with a text column, or "hf:<dataset>[:<config>]" for a Hugging Face dataset.
+    source: str = "janeausten"
+    text_column: str = "text"
+    split: str = "train"
+    sequence_length: int = Field(64, ge=4, le=8192)
+    max_sequences: int | None = Field(2000, ge=1)
+    seed: int = 0
+
+
+class RecordsSettings(_Section):
+    """Which excerpts are kept per neuron and how they are split between explaining and scoring."""
+
+    top_k: int = Field(20, ge=2)
+    random_k: int = Field(20, ge=1)
+    quantile_bins: int = Field(5, ge=0)
+    per_quantile_bin: int = Field(2, ge=0)
+    # Size of the uniform sample of per-excerpt maxima used to place quantile-bin boundaries.
+    quantile_sample_size: int = Field(1000, ge=10)
+    explain_top: int = Field(5, ge=1, description="top excerpts shown to the explainer")
+    score_top: int = Field(5, ge=1, description="other top excerpts used for scoring")
+    score_random: int = Field(5, ge=1, description="random excerpts used for scoring")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> "RecordsSettings":
+        if self.top_k < self.explain_top + self.score_top:
+            raise ValueError(
+                f"top_k={self.top_k} is smaller than explain_top + score_top = "
+                f"{self.explain_top + self.score_top}; raise records.top_k"
+            )
+        if self.random_k < self.score_random:
+            raise ValueError(
+                f"random_k={self.random_k} is smaller than score_random={self.score_random}; raise records.random_k"
+            )
+        return self
+
+    @property
+    def top_splits(self) -> int:
+        """Number of interleaved splits of the top records (split 0 explains, split 1 scores)."""
+        return max(2, self.top_k // self.explain_top)
+
+
+Backend = Literal["baseline", "local", "openai"]
+
+
+class ExplainerSettings(_Section):
+    backend: Backend = "baseline"
+    # Model for the local (transformers) or OpenAI-compatible backend; ignored by the baseline.
+    model: str | None = None
+    base_url: str | None = None
+    # The API key is read from this environment variable at call time, never stored.
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt: str = "explainer_v1"
+    max_tokens: int = Field(60, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    # Baseline explainer: how many characteristic tokens the explanation lists.
+    baseline_tokens: int = Field(8, ge=1, le=50)
+
+
+class SimulatorSettings(_Section):
+    backend: Backend = "baseline"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt: str = "simulator_v1"
+    mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
+
+
+class Settings(_Section):
+    profile: str = DEFAULT_PROFILE
+    subject: SubjectSettings = SubjectSettings()
+    corpus: CorpusSettings = CorpusSettings()
+    records: RecordsSettings = RecordsSettings()
+    # Layers and neurons to process: "all", "3", "0,3,7", "0-5", or a mix like "0-3,10".
+    layers: str = "all"
+    neurons: str = "all"
+    explainers: list[ExplainerSettings] = Field(default_factory=lambda: [ExplainerSettings()], min_length=1)
+    simulators: list[SimulatorSettings] = Field(default_factory=lambda: [SimulatorSettings()], min_length=1)
+    lake: str = "./lake"
+
+    @property
+    def lake_path(self) -> Path:
+        return Path(self.lake).expanduser().resolve()
+
+
+def parse_index_spec(spec: str | int | None, size: int, what: str) -> list[int]:
+    """Parse "all" / "3" / "0,3" / "0-5" / "0-3,10" into sorted unique indices below `size`."""
+    if spec is None or str(spec).strip().lower() in ("", "all"):
+        return list(range(size))
+    indices: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo, hi = int(lo_text), int(hi_text)
+                if hi < lo:
+                    raise ValueError
+                indices.update(range(lo, hi + 1))
+            else:
+                indices.add(int(part))
+        except ValueError:
+            raise ConfigError(
+                f"cannot read {what} selection {spec!r}: use 'all', '3', '0,3' or '0-5'"
+            ) from None
+    out_of_range = [i for i in sorted(indices) if i < 0 or i >= size]
+    if out_of_range:
+        raise ConfigError(
+            f"{what} {out_of_range[0]} is out of range: the model has {size} {what}s (0-{size - 1})"
+        )
+    return sorted(indices)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {origin}{where}: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def available_profiles() -> list[str]:
+    folder = resources.files("neuron_pipeline") / "profiles"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _profile_values(profile: str) -> dict[str, Any]:
+    path = resources.files("neuron_pipeline") / "profiles" / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown profile {profile!r}: choose one of {', '.join(available_profiles())}")
+    return _read_yaml(path.read_text(), f"profile {profile!r}")
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        # YAML scalars so that numbers and booleans arrive typed ("64" -> 64, "true" -> True).
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    return values
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    first = exc.errors()[0]
+    location = ".".join(str(p) for p in first["loc"]) or "settings"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting; remove it or check its spelling"
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid config {location}: {message}{extra} [{origin}]"
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from profile, file, environment and overrides (in that order)."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(CONFIG_FILE_ENV) or None
+    file_values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file")
+        file_values = _read_yaml(path.read_text(), str(path))
+    chosen_profile = profile or file_values.get("profile") or environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    merged = _profile_values(chosen_profile)
+    for layer_values in (file_values, _env_values(environ), dict(overrides or {})):
+        merged = _deep_merge(merged, layer_values)
+    merged["profile"] = chosen_profile
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        origin = str(config_file) if config_file else f"profile {chosen_profile}"
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+CACHE_ENV = "NEURON_PIPELINE_CACHE"
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where converted models and fetched corpora are kept (never inside the repository)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "neuron-pipeline")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

