@@ -1,0 +1,36 @@
+"""Stage 1: the corpus, cut by the subject's tokenizer into fixed-length sequences."""
+
+import dagster as dg
+
+from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
+from neuron_pipeline.corpus import corpus_frame, tokenize_corpus
+from neuron_pipeline.lake import table_path, write_table
+
+
+@dg.asset(
+    group_name="capture",
+    kinds={"delta", "polars"},
+    owners=["team:interpretability"],
+    description="Fixed-length token sequences (64 tokens, like the paper) from the configured corpus.",
+    code_version="corpus_tokens-v1",
+)
+def corpus_tokens(
+    context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, subject_model: SubjectModelResource
+) -> dg.MaterializeResult:
+    settings = pipeline.settings
+    subject = subject_model.load()
+    sequences = tokenize_corpus(settings.corpus, subject.tokenizer)
+    frame = corpus_frame(sequences, subject.tokenizer, subject.model_id, settings.corpus.source)
+    version = write_table(pipeline.lake, "corpus_tokens", frame)
+    context.log.info(f"{frame.height} sequences of {settings.corpus.sequence_length} tokens from {sequences.source}")
+    return dg.MaterializeResult(
+        metadata={
+            "sequences": frame.height,
+            "tokens": frame.height * settings.corpus.sequence_length,
+            "corpus_hash": sequences.corpus_hash,
+            "path": dg.MetadataValue.path(str(table_path(pipeline.lake, "corpus_tokens"))),
+            "delta_version": version,
+        },
+        # Downstream staleness follows the content, not the time it was written.
+        data_version=dg.DataVersion(sequences.corpus_hash),
+    )

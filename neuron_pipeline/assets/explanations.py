@@ -1,0 +1,121 @@
+"""Stage 3: every configured explainer explains every selected neuron of the layer."""
+
+
+from datetime import datetime, timezone
+
+import polars as pl
+from tqdm.auto import tqdm
+
+import dagster as dg
+
+from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
+from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
+from neuron_pipeline.config import RecordsSettings
+from neuron_pipeline.interp.explainer import Explainer
+from neuron_pipeline.interp.prompts import content_hash
+from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
+from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+
+
+def load_neuron_records(lake, layer: int, neurons: list[int] | None = None) -> dict[int, NeuronRecord]:
+    where = {"layer": str(layer)}
+    if neurons is not None:
+        where["neuron"] = neurons
+    rows = read_table(lake, "activation_records", where=where)
+    return {key.neuron: record for key, record in neuron_records_from_rows(rows.iter_rows(named=True)).items()}
+
+
+def records_fingerprint(records) -> str:
+    return content_hash(*(f"{r.sequence_id}:{r.tokens}:{r.activations}" for r in records))
+
+
+def explain_layer(
+    explainer: Explainer,
+    records_by_neuron: dict[int, NeuronRecord],
+    existing: pl.DataFrame,
+    records_settings: RecordsSettings,
+    model_id: str,
+    layer: int,
+) -> tuple[pl.DataFrame, int]:
+    """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
+    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new calls made)."""
+    done = {
+        (row["neuron"], row["records_hash"]): row
+        for row in existing.iter_rows(named=True)
+        if row["error"] is None
+    }
+    rows, calls = [], 0
+    for neuron in tqdm(sorted(records_by_neuron), desc=f"explain layer {layer}", unit="neuron", disable=None):
+        splits = split_records(
+            records_by_neuron[neuron],
+            records_settings.explain_top,
+            records_settings.score_top,
+            records_settings.score_random,
+        )
+        fingerprint = records_fingerprint(splits.explain)
+        if (neuron, fingerprint) in done:
+            rows.append(done[(neuron, fingerprint)])
+            continue
+        result = explainer.explain(splits.explain)
+        calls += 1
+        rows.append(
+            {
+                "model": model_id,
+                "layer": str(layer),
+                "neuron": neuron,
+                "explainer_id": explainer.explainer_id,
+                "explainer_model": explainer.model_name,
+                "prompt_hash": explainer.prompt_hash,
+                "explanation": result.text,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "error": result.error,
+                "records_hash": fingerprint,
+                "created_at": datetime.now(timezone.utc),
+            }
+        )
+    return table_frame("explanations", rows), calls
+
+
+def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The explanations asset over the given layer partitions."""
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["activation_records"],
+        group_name="explain",
+        kinds={"delta"},
+        owners=["team:interpretability"],
+        description="One explanation per neuron and explainer id (hash of explainer model, prompt template and "
+        "parameters). A new prompt adds rows under a new id; earlier ids stay queryable.",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=GPU_POOL,
+        op_tags=GPU_TAGS,
+        code_version="explanations-v1",
+    )
+    def explanations(
+        context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
+    ) -> dg.MaterializeResult:
+        settings, lake = pipeline.settings, pipeline.lake
+        totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        for layer in layers_of(context):
+            records = load_neuron_records(lake, layer)
+            if not records:
+                raise ValueError(f"no activation_records for layer {layer}: materialize activation_records first")
+            model_id = read_table(lake, "activation_records", where={"layer": str(layer)}, columns=["model"])["model"][0]
+            for explainer in llm.explainers():
+                where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
+                existing = read_table(lake, "explanations", where=where)
+                frame, calls = explain_layer(explainer, records, existing, settings.records, model_id, layer)
+                write_table(lake, "explanations", frame, replace_where=where)
+                totals["explained"] += frame.height
+                totals["new_calls"] += calls
+                totals["errors"] += int(frame["error"].is_not_null().sum())
+                totals["prompt_tokens"] += int(frame["prompt_tokens"].sum() or 0)
+                totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
+                context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations, {calls} new")
+        return dg.MaterializeResult(
+            metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))}
+        )
+
+    return explanations

@@ -1,0 +1,83 @@
+"""Stage 5: score each explanation by the correlation of its simulation with the real activations."""
+
+
+import polars as pl
+
+import dagster as dg
+
+from neuron_pipeline.assets.partitions import layers_of
+from neuron_pipeline.assets.resources import PipelineSettingsResource
+from neuron_pipeline.interp.prompts import MAX_VALUE
+from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
+from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+
+
+def score_layer(simulations: pl.DataFrame, max_activation: dict[int, float]) -> pl.DataFrame:
+    """One score row per (neuron, explainer id, simulator id) of a layer's simulations."""
+    rows = []
+    group_keys = ["model", "layer", "neuron", "explainer_id", "simulator_id"]
+    for key, group in simulations.sort("kind", "rank").group_by(group_keys, maintain_order=True):
+        model, layer, neuron, explainer_id, simulator_id = key
+        by_kind = {"top": [], "random": []}
+        for row in group.iter_rows(named=True):
+            by_kind[row["kind"]].append(ScoredSequence(row["true_activations"], row["expected_activations"]))
+        # The explainer saw values as 0-10 of the neuron's top activation; map them back for rsquared.
+        scale = max(max_activation.get(neuron, 0.0), 0.0) / MAX_VALUE
+        score = score_simulation(by_kind["top"], by_kind["random"], value_scale=scale)
+        rows.append(
+            {
+                "model": model,
+                "layer": layer,
+                "neuron": neuron,
+                "explainer_id": explainer_id,
+                "simulator_id": simulator_id,
+                "score": score.score,
+                "score_top": score.score_top,
+                "score_random": score.score_random,
+                "rsquared": score.rsquared,
+                "absolute_dev_explained": score.absolute_dev_explained,
+                "n_tokens": score.n_tokens,
+                "null_reason": score.null_reason,
+            }
+        )
+    return table_frame("scores", rows)
+
+
+def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The scores asset over the given layer partitions."""
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["simulations"],
+        group_name="explain",
+        kinds={"delta"},
+        owners=["team:interpretability"],
+        description="Per (neuron, explainer id, simulator id): correlation of simulated and real activations pooled "
+        "over the scored top + random excerpts (the paper's score), top-only and random-only scores, "
+        "rsquared and absolute deviation explained.",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        code_version="scores-v1",
+    )
+    def scores(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource) -> dg.MaterializeResult:
+        lake = pipeline.lake
+        all_scores = []
+        for layer in layers_of(context):
+            stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
+            max_activation = dict(zip(stats["neuron"].to_list(), stats["max"].to_list()))
+            frame = score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation)
+            write_table(lake, "scores", frame, replace_where={"layer": str(layer)})
+            all_scores.append(frame)
+        combined = pl.concat(all_scores)
+        metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "scores"))), "rows": combined.height}
+        if combined.height:
+            valid = combined["score"].drop_nulls()
+            metadata.update(
+                {
+                    "mean_score": float(valid.mean()) if len(valid) else float("nan"),
+                    "median_score": float(valid.median()) if len(valid) else float("nan"),
+                    "null_scores": int(combined["score"].null_count()),
+                }
+            )
+        return dg.MaterializeResult(metadata=metadata)
+
+    return scores

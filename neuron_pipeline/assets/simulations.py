@@ -1,0 +1,118 @@
+"""Stage 4: every simulator predicts the scored excerpts from each explanation alone."""
+
+
+import polars as pl
+from tqdm.auto import tqdm
+
+import dagster as dg
+
+from neuron_pipeline.assets.explanations import load_neuron_records
+from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
+from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
+from neuron_pipeline.config import RecordsSettings
+from neuron_pipeline.interp.prompts import content_hash
+from neuron_pipeline.interp.records import NeuronRecord, split_records
+from neuron_pipeline.interp.simulator import Simulator
+from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+
+
+def simulate_layer(
+    simulator: Simulator,
+    explanations: pl.DataFrame,
+    records_by_neuron: dict[int, NeuronRecord],
+    existing: pl.DataFrame,
+    records_settings: RecordsSettings,
+) -> tuple[pl.DataFrame, int]:
+    """Simulations of the scored top and random excerpts for one explainer id and simulator.
+    Rows whose (explanation, excerpts) fingerprint is unchanged are kept, not recomputed."""
+    kept = {}
+    for row in existing.iter_rows(named=True):
+        kept.setdefault((row["neuron"], row["input_hash"]), []).append(row)
+    rows, calls = [], 0
+    for explanation in tqdm(
+        explanations.sort("neuron").iter_rows(named=True),
+        total=explanations.height,
+        desc=f"simulate {simulator.simulator_id}",
+        unit="neuron",
+        disable=None,
+    ):
+        neuron = explanation["neuron"]
+        if explanation["error"] is not None or neuron not in records_by_neuron:
+            continue
+        splits = split_records(
+            records_by_neuron[neuron], records_settings.explain_top, records_settings.score_top, records_settings.score_random
+        )
+        scored = [("top", rank, r) for rank, r in enumerate(splits.score_top)] + [
+            ("random", rank, r) for rank, r in enumerate(splits.score_random)
+        ]
+        input_hash = content_hash(simulator.simulator_id, explanation["explanation"], *(str(r.tokens) for _, _, r in scored))
+        if (neuron, input_hash) in kept:
+            rows.extend(kept[(neuron, input_hash)])
+            continue
+        simulated = simulator.simulate(explanation["explanation"], [r.tokens for _, _, r in scored])
+        calls += 1
+        for (kind, rank, record), simulation in zip(scored, simulated):
+            rows.append(
+                {
+                    "model": explanation["model"],
+                    "layer": explanation["layer"],
+                    "neuron": neuron,
+                    "explainer_id": explanation["explainer_id"],
+                    "simulator_id": simulator.simulator_id,
+                    "kind": kind,
+                    "rank": rank,
+                    "sequence_id": record.sequence_id,
+                    "tokens": list(record.tokens),
+                    "true_activations": list(record.activations),
+                    "expected_activations": list(simulation.expected_activations),
+                    "mode": simulation.mode,
+                    "input_hash": input_hash,
+                }
+            )
+    return table_frame("simulations", rows), calls
+
+
+def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The simulations asset over the given layer partitions."""
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["explanations"],
+        group_name="explain",
+        kinds={"delta"},
+        owners=["team:interpretability"],
+        description="Simulated activation per token of each scored excerpt (5 top excerpts the explainer did not "
+        "see + 5 random ones), per explainer id and simulator id, with the simulation mode.",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=GPU_POOL,
+        op_tags=GPU_TAGS,
+        code_version="simulations-v1",
+    )
+    def simulations(
+        context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
+    ) -> dg.MaterializeResult:
+        settings, lake = pipeline.settings, pipeline.lake
+        explainer_ids = [e.explainer_id for e in llm.explainers()]
+        total_rows, total_calls = 0, 0
+        for layer in layers_of(context):
+            records = load_neuron_records(lake, layer)
+            for explainer_id in explainer_ids:
+                layer_explanations = read_table(
+                    lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id}
+                )
+                for simulator in llm.simulators():
+                    where = {"layer": str(layer), "explainer_id": explainer_id, "simulator_id": simulator.simulator_id}
+                    existing = read_table(lake, "simulations", where=where)
+                    frame, calls = simulate_layer(simulator, layer_explanations, records, existing, settings.records)
+                    write_table(lake, "simulations", frame, replace_where=where)
+                    total_rows += frame.height
+                    total_calls += calls
+        return dg.MaterializeResult(
+            metadata={
+                "simulated_excerpts": total_rows,
+                "new_simulations": total_calls,
+                "path": dg.MetadataValue.path(str(table_path(lake, "simulations"))),
+            }
+        )
+
+    return simulations

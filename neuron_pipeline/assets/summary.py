@@ -1,0 +1,84 @@
+"""Stage 6: per-layer summary of scores for each (explainer id, simulator id)."""
+
+
+import polars as pl
+
+import dagster as dg
+
+from neuron_pipeline.assets.partitions import layers_of
+from neuron_pipeline.assets.resources import PipelineSettingsResource
+from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+
+# The paper's bar for a well-explained neuron.
+GOOD_SCORE = 0.8
+
+
+def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame) -> pl.DataFrame:
+    if scores.is_empty():
+        return table_frame("layer_summary", [])
+    texts = explanations.select("neuron", "explainer_id", "explanation", "explainer_model")
+    joined = scores.join(texts, on=["neuron", "explainer_id"], how="left")
+    best = (
+        joined.filter(pl.col("score").is_not_null())
+        .sort("score", descending=True)
+        .group_by("explainer_id", "simulator_id", maintain_order=True)
+        .first()
+        .select(
+            "explainer_id",
+            "simulator_id",
+            best_neuron=pl.col("neuron"),
+            best_score=pl.col("score"),
+            best_explanation=pl.col("explanation"),
+        )
+    )
+    stats = joined.group_by("model", "layer", "explainer_id", "simulator_id").agg(
+        explainer_model=pl.col("explainer_model").first(),
+        neurons_scored=pl.col("score").is_not_null().sum().cast(pl.Int64),
+        neurons_null=pl.col("score").is_null().sum().cast(pl.Int64),
+        mean_score=pl.col("score").mean(),
+        median_score=pl.col("score").median(),
+        p90_score=pl.col("score").quantile(0.9),
+        frac_score_ge_0_8=(pl.col("score") >= GOOD_SCORE).sum() / pl.col("score").is_not_null().sum(),
+    )
+    summary = stats.join(best, on=["explainer_id", "simulator_id"], how="left").sort("explainer_id", "simulator_id")
+    return table_frame("layer_summary", summary)
+
+
+def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The layer_summary asset over the given layer partitions."""
+
+    @dg.asset(
+        partitions_def=partitions,
+        deps=["scores"],
+        group_name="report",
+        kinds={"delta"},
+        owners=["team:interpretability"],
+        description="Per layer and (explainer id, simulator id): neurons scored, mean / median / p90 score, share "
+        "of neurons scoring >= 0.8, and the best neuron with its explanation.",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        code_version="layer_summary-v1",
+    )
+    def layer_summary(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource) -> dg.MaterializeResult:
+        lake = pipeline.lake
+        frames = []
+        for layer in layers_of(context):
+            where = {"layer": str(layer)}
+            frame = summarize_layer(read_table(lake, "scores", where=where), read_table(lake, "explanations", where=where))
+            write_table(lake, "layer_summary", frame, replace_where=where)
+            frames.append(frame)
+        summary = pl.concat(frames)
+        metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "layer_summary")))}
+        if summary.height:
+            table = summary.select("layer", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron")
+            metadata["summary"] = dg.MetadataValue.md(_markdown(table))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return layer_summary
+
+
+def _markdown(frame: pl.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    body = "\n".join(
+        "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |" for row in frame.iter_rows()
+    )
+    return header + body

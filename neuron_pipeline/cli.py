@@ -1,0 +1,296 @@
+"""`neuron-pipeline`: run the pipeline, look at a neuron, query the lake.
+
+Every user error ends in one line on stderr and exit status 2; nothing is written to the
+lake before the settings, model, layers and neurons are known to be valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _settings(args: argparse.Namespace):
+    from neuron_pipeline.config import load_settings
+
+    overrides = {}
+    for key in ("layers", "neurons", "lake"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return load_settings(config_file=args.config, profile=args.profile, overrides=overrides)
+
+
+def _contiguous_ranges(indices: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for index in indices:
+        if ranges and ranges[-1][1] == index - 1:
+            ranges[-1] = (ranges[-1][0], index)
+        else:
+            ranges.append((index, index))
+    return ranges
+
+
+def _instance():
+    import dagster as dg
+
+    # With DAGSTER_HOME set (as `make demo` and `make dev` do), CLI runs appear in the UI.
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user code error behind Dagster's step-failure wrappers."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "user_exception", None) or seen.__cause__
+        if inner is None or inner is seen:
+            return seen
+        seen = inner
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from neuron_pipeline.config import parse_index_spec
+    from neuron_pipeline.corpus import describe_source
+    from neuron_pipeline.definitions import build_definitions
+    from neuron_pipeline.subject import describe_subject
+
+    settings = _settings(args)
+    info = describe_subject(settings.subject)
+    layers = parse_index_spec(settings.layers, info.num_layers, "layer")
+    parse_index_spec(settings.neurons, info.num_neurons, "neuron")
+    describe_source(settings.corpus)  # a missing corpus path fails here, before any run starts
+    print(
+        f"neuron-pipeline: {info.model_id} ({info.num_layers} layers x {info.num_neurons} neurons), "
+        f"layers {settings.layers}, neurons {settings.neurons}, lake {settings.lake_path}",
+        flush=True,
+    )
+    defs = build_definitions(settings)
+    instance = _instance()
+    graph = defs.resolve_asset_graph()
+    layer_assets = [key for key in graph.get_all_asset_keys() if key != dg.AssetKey("corpus_tokens")]
+    all_assets = defs.resolve_all_asset_specs()
+    del all_assets  # resolution above validates the definitions before anything runs
+    job_assets = list(defs.assets or [])
+    resources = defs.resources or {}
+    try:
+        result = dg.materialize(
+            [a for a in job_assets if dg.AssetKey("corpus_tokens") in getattr(a, "keys", set())],
+            resources=resources,
+            instance=instance,
+        )
+        if not result.success:
+            raise UserError("corpus_tokens failed")
+        # One run per contiguous range of layers: a range is one single-run backfill = one forward pass.
+        for start, end in _contiguous_ranges(layers):
+            result = dg.materialize(
+                job_assets,
+                selection=dg.AssetSelection.assets(*layer_assets),
+                resources=resources,
+                instance=instance,
+                tags={
+                    "dagster/asset_partition_range_start": str(start),
+                    "dagster/asset_partition_range_end": str(end),
+                },
+            )
+            if not result.success:
+                raise UserError(f"run for layers {start}-{end} failed")
+    except dg.DagsterError as exc:
+        raise _unwrap(exc) from None
+    _print_summary(settings, layers)
+    return 0
+
+
+def _print_summary(settings, layers: list[int]) -> None:
+    import polars as pl
+    from rich.console import Console
+    from rich.table import Table
+
+    from neuron_pipeline.lake import read_table
+
+    summary = read_table(settings.lake_path, "layer_summary", where={"layer": [str(layer) for layer in layers]})
+    console = Console()
+    table = Table(title="neuron-pipeline summary")
+    for column in ("layer", "explainer", "simulator", "neurons explained", "mean score", "best neuron", "explanation"):
+        table.add_column(column)
+    for row in summary.with_columns(pl.col("layer").cast(pl.Int64)).sort("layer", "explainer_id").iter_rows(named=True):
+        mean = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}"
+        best = "n/a" if row["best_neuron"] is None else f"{row['best_neuron']} ({row['best_score']:.2f})"
+        table.add_row(
+            str(row["layer"]),
+            row["explainer_id"],
+            row["simulator_id"],
+            str(row["neurons_scored"] + row["neurons_null"]),
+            mean,
+            best,
+            (row["best_explanation"] or "")[:70],
+        )
+    console.print(table)
+    console.print(f"lake:   {settings.lake_path}")
+    console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_path}")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from neuron_pipeline.lake import read_table
+
+    settings = _settings(args)
+    lake = settings.lake_path
+    where = {"layer": str(args.layer), "neuron": args.neuron}
+    records = read_table(lake, "activation_records", where=where)
+    if records.is_empty():
+        raise UserError(
+            f"no records for layer {args.layer} neuron {args.neuron} in {lake}: run `neuron-pipeline run` for it first"
+        )
+    console = Console(highlight=False)
+    console.print(f"[bold]layer {args.layer} neuron {args.neuron}[/bold]  ({records['model'][0]})")
+    explanations = read_table(lake, "explanations", where=where)
+    scores = read_table(lake, "scores", where=where)
+    for row in explanations.iter_rows(named=True):
+        console.print(f"\n[bold]{row['explainer_id']}[/bold] ({row['explainer_model']}): {row['explanation'] or row['error']}")
+        for s in scores.filter(scores["explainer_id"] == row["explainer_id"]).iter_rows(named=True):
+            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+            console.print(
+                f"  simulator {s['simulator_id']}: score {fmt(s['score'])} "
+                f"(top {fmt(s['score_top'])}, random {fmt(s['score_random'])})"
+                + (f" [{s['null_reason']}]" if s["null_reason"] else "")
+            )
+    top = records.filter(records["kind"] == "top").sort("rank").head(args.excerpts)
+    max_activation = max(float(top["max_activation"].max() or 0.0), 1e-9)
+    console.print(f"\n[bold]top {top.height} excerpts[/bold] (max activation {max_activation:.3f})")
+    for row in top.iter_rows(named=True):
+        line = Text(f"{row['max_activation']:7.3f}  ")
+        for token, activation in zip(row["tokens"], row["activations"]):
+            strength = max(0.0, min(1.0, activation / max_activation))
+            shade = int(255 - 200 * strength)
+            line.append(token.replace("\n", "⏎"), style=f"on rgb(255,{shade},{shade})" if strength > 0.05 else "")
+        console.print(line)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from neuron_pipeline.lake.sql import connect
+
+    settings = _settings(args)
+    con = connect(settings.lake_path)
+    try:
+        relation = con.sql(args.sql)
+    except duckdb.Error as exc:
+        raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
+    if relation is None:
+        return 0
+    frame = relation.pl()
+    if args.out:
+        out = Path(args.out)
+        if out.suffix == ".csv":
+            frame.write_csv(out)
+        elif out.suffix == ".parquet":
+            frame.write_parquet(out)
+        else:
+            raise UserError(f"--out {out} must end in .csv or .parquet")
+        print(f"wrote {frame.height} rows to {out}")
+        return 0
+    import polars as pl
+
+    with pl.Config(tbl_rows=args.limit, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+        print(frame)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Set-up: convert the bundled model and fetch the offline corpus into the cache."""
+    from neuron_pipeline.corpus import fetch_janeausten
+    from neuron_pipeline.subject.loading import resolve_model_path
+
+    model_id, path = resolve_model_path(args.model)
+    print(f"model {model_id}: {path}")
+    print(f"corpus janeausten: {fetch_janeausten()}")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML settings file (see README)")
+    parser.add_argument("--profile", help="named profile: demo (default) or paper")
+    parser.add_argument("--lake", help="lake folder (default ./lake)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuron-pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize every stage for the chosen layers")
+    _common(run)
+    run.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
+    run.add_argument("--neurons", help="'all', '0-31', ...")
+    run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")
+    _common(show)
+    show.add_argument("layer", type=int)
+    show.add_argument("neuron", type=int)
+    show.add_argument("--excerpts", type=int, default=5)
+    show.set_defaults(func=cmd_show)
+
+    query = sub.add_parser("query", help="run SQL over the lake tables (DuckDB)")
+    _common(query)
+    query.add_argument("sql")
+    query.add_argument("--out", help="write the result to a .csv or .parquet file")
+    query.add_argument("--limit", type=int, default=50, help="rows to print")
+    query.set_defaults(func=cmd_query)
+
+    fetch = sub.add_parser("fetch", help="prepare the offline default model and corpus")
+    fetch.add_argument("--model", default="smollm2-135m-instruct")
+    fetch.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from neuron_pipeline.config import ConfigError
+    from neuron_pipeline.corpus import CorpusError
+    from neuron_pipeline.interp.prompts import PromptTemplateError
+    from neuron_pipeline.lake import LakeError
+    from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
+
+    return (
+        UserError,
+        ConfigError,
+        CorpusError,
+        LakeError,
+        PromptTemplateError,
+        SubjectLoadError,
+        UnsupportedModelError,
+        NonFiniteActivationsError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"neuron-pipeline: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as exc:  # raised by stages on bad data, e.g. an empty corpus_tokens table
+        print(f"neuron-pipeline: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Prompt building: how excerpts and activations are written for the explainer and simulator.
+
+Activations are discretized to integers 0-10 relative to the largest activation shown
+(floor(10 * max(a, 0) / max_a)); each token is one "token<TAB>value" line between start and
+end markers. Tokens are escaped so corpus text can never forge a line, a value or a marker.
+Prompt templates are versioned files next to this module; their content hash is stored with
+every explanation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import string
+from dataclasses import dataclass
+from importlib import resources
+from typing import Sequence
+
+from neuron_pipeline.interp.records import ActivationRecord
+
+START_MARKER = "<start>"
+END_MARKER = "<end>"
+MAX_VALUE = 10
+# When fewer than this share of values is non-zero, the non-zero tokens are listed again.
+SPARSE_FRACTION = 0.2
+
+
+def discretize(activations: Sequence[float], max_activation: float) -> list[int]:
+    if max_activation <= 0 or not math.isfinite(max_activation):
+        return [0] * len(activations)
+    return [min(MAX_VALUE, math.floor(MAX_VALUE * max(a, 0.0) / max_activation)) for a in activations]
+
+
+def escape_token(token: str) -> str:
+    """Make a token safe inside one "token<TAB>value" line."""
+    escaped = token.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    for marker in (START_MARKER, END_MARKER):
+        escaped = escaped.replace(marker, "\\" + marker)
+    return escaped
+
+
+def format_record(record: ActivationRecord, max_activation: float | None) -> str:
+    """One excerpt; with ``max_activation`` None, values are left out (the simulator's view)."""
+    lines = [START_MARKER]
+    if max_activation is None:
+        lines += [escape_token(t) for t in record.tokens]
+    else:
+        values = discretize(record.activations, max_activation)
+        lines += [f"{escape_token(t)}\t{v}" for t, v in zip(record.tokens, values)]
+    lines.append(END_MARKER)
+    return "\n".join(lines)
+
+
+def format_records(records: Sequence[ActivationRecord], max_activation: float) -> str:
+    """Excerpts for the explainer, plus the sparse-activation repeat when values are mostly zero."""
+    blocks = [format_record(r, max_activation) for r in records]
+    values = [v for r in records for v in discretize(r.activations, max_activation)]
+    nonzero = [
+        (t, v)
+        for r in records
+        for t, v in zip(r.tokens, discretize(r.activations, max_activation))
+        if v > 0
+    ]
+    text = "\n".join(blocks)
+    if values and nonzero and len(nonzero) / len(values) < SPARSE_FRACTION:
+        repeat = "\n".join(f"{escape_token(t)}\t{v}" for t, v in nonzero)
+        text += "\n\nSame activations, but with all zeros filtered out:\n" + START_MARKER + "\n" + repeat + "\n" + END_MARKER
+    return text
+
+
+def max_activation_of(records: Sequence[ActivationRecord]) -> float:
+    return max((r.max_activation for r in records), default=0.0)
+
+
+def content_hash(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+class PromptTemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    text: str
+    required: tuple[str, ...]
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.name, self.text)
+
+    def render(self, **values: str) -> str:
+        return self.text.format(**values)
+
+
+def load_template(name: str, required: Sequence[str]) -> PromptTemplate:
+    """Load ``prompts/<name>.txt`` and check it has every placeholder the code fills in."""
+    path = resources.files("neuron_pipeline.interp") / "prompts" / f"{name}.txt"
+    if not path.is_file():
+        raise PromptTemplateError(f"prompt template {name!r} not found in neuron_pipeline/interp/prompts/")
+    text = path.read_text()
+    found = {field for _, field, _, _ in string.Formatter().parse(text) if field}
+    missing = [p for p in required if p not in found]
+    if missing:
+        raise PromptTemplateError(
+            f"prompt template {name!r} lacks placeholder(s) {', '.join('{' + m + '}' for m in missing)}: add them"
+        )
+    return PromptTemplate(name, text, tuple(required))

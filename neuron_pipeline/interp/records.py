@@ -1,0 +1,97 @@
+"""Activation records: the excerpts a neuron is explained and scored on, and their splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    """One excerpt: its tokens and the neuron's activation at each of them."""
+
+    tokens: tuple[str, ...]
+    activations: tuple[float, ...]
+    sequence_id: int = -1
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.activations):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.activations)} activations")
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations) if self.activations else 0.0
+
+
+@dataclass(frozen=True)
+class NeuronId:
+    layer: int
+    neuron: int
+
+
+@dataclass
+class NeuronRecord:
+    """Everything captured for one neuron: top excerpts (rank order), a random sample, quantile bins."""
+
+    neuron: NeuronId
+    top: list[ActivationRecord] = field(default_factory=list)
+    random: list[ActivationRecord] = field(default_factory=list)
+    quantile: dict[int, list[ActivationRecord]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordSplits:
+    """Disjoint uses of a neuron's records: the scorer never sees what the explainer saw."""
+
+    explain: list[ActivationRecord]
+    score_top: list[ActivationRecord]
+    score_random: list[ActivationRecord]
+    # Left-over records, for calibration or choosing among candidate explanations.
+    holdout_top: list[ActivationRecord]
+    holdout_random: list[ActivationRecord]
+
+
+def interleaved_splits(items: Sequence[T], n_splits: int) -> list[list[T]]:
+    """Item i goes to split i mod n, so each split spans the whole range of ranks."""
+    return [list(items[i::n_splits]) for i in range(n_splits)]
+
+
+def split_records(
+    record: NeuronRecord, explain_top: int, score_top: int, score_random: int
+) -> RecordSplits:
+    n_top_splits = max(2, len(record.top) // explain_top) if record.top else 2
+    top_splits = interleaved_splits(record.top, n_top_splits)
+    random_splits = interleaved_splits(record.random, max(1, len(record.random) // score_random))
+    return RecordSplits(
+        explain=top_splits[0][:explain_top],
+        score_top=top_splits[1][:score_top],
+        score_random=random_splits[0][:score_random],
+        holdout_top=[r for split in top_splits[2:] for r in split],
+        holdout_random=[r for split in random_splits[1:] for r in split],
+    )
+
+
+def neuron_records_from_rows(rows: Iterable[Mapping]) -> dict[NeuronId, NeuronRecord]:
+    """Group activation_records rows (dicts with layer, neuron, kind, rank, ...) by neuron."""
+    grouped: dict[NeuronId, dict[str, list[tuple[int, int, ActivationRecord]]]] = {}
+    for row in rows:
+        key = NeuronId(int(row["layer"]), int(row["neuron"]))
+        record = ActivationRecord(tuple(row["tokens"]), tuple(float(a) for a in row["activations"]), int(row["sequence_id"]))
+        bin_index = row.get("quantile_bin")
+        grouped.setdefault(key, {}).setdefault(row["kind"], []).append(
+            (int(bin_index) if bin_index is not None else -1, int(row["rank"]), record)
+        )
+    result = {}
+    for key, kinds in grouped.items():
+        quantile: dict[int, list[ActivationRecord]] = {}
+        for bin_index, _, rec in sorted(kinds.get("quantile", []), key=lambda t: (t[0], t[1])):
+            quantile.setdefault(bin_index, []).append(rec)
+        result[key] = NeuronRecord(
+            neuron=key,
+            top=[r for _, _, r in sorted(kinds.get("top", []), key=lambda t: t[1])],
+            random=[r for _, _, r in sorted(kinds.get("random", []), key=lambda t: t[1])],
+            quantile=quantile,
+        )
+    return result
