@@ -121,6 +121,26 @@ class QualityReport:
             parts.append(text)
         return f"{self.table}: {self.failed} of {self.evaluated} expectations failed: " + "; ".join(parts)
 
+    def failing_rows_markdown(self, max_cell_chars: int = 60) -> str:
+        """The failing rows as a Markdown table, long lists and strings shortened."""
+        if self.failing_rows.is_empty():
+            return "(no failing rows)"
+        columns = self.failing_rows.columns
+
+        def cell(value: Any) -> str:
+            if isinstance(value, list):
+                head = ", ".join(_cell_text(v) for v in value[:6])
+                text = f"[{head}{', ...' if len(value) > 6 else ''}] ({len(value)} items)"
+            else:
+                text = _cell_text(value)
+            text = text if len(text) <= max_cell_chars else text[: max_cell_chars - 3] + "..."
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in self.failing_rows.iter_rows():
+            lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+        return "\n".join(lines)
+
     def to_metadata(self) -> dict[str, Any]:
         """Plain JSON-able dict (for Dagster asset-check metadata)."""
         return {
@@ -222,8 +242,8 @@ def add_between(
 def add_common(suite: Any, table: str, not_null: Sequence[str]) -> None:
     """Non-empty table, required columns present, unique keys, partition column well-formed."""
     add(suite, f"{table} is not empty", gxe().ExpectTableRowCountToBeBetween(min_value=1))
-    add_not_null(suite, not_null)
     keys = KEYS[table]
+    add_not_null(suite, list(dict.fromkeys([*keys, *not_null])))
     if len(keys) == 1:
         add(suite, f"{keys[0]} is unique", gxe().ExpectColumnValuesToBeUnique(column=keys[0]))
     else:
@@ -248,7 +268,7 @@ def add_coverage(suite: Any, params: QualityParams, layers: Sequence[str]) -> No
         return
     expected = sorted(set(params.expected_neurons))
     if len(layers) <= 1:
-        where = f" of layer {layers[0]}" if layers else ""
+        where = f" in layer {layers[0]}" if layers else ""
         add(
             suite,
             f"all {len(expected)} expected neurons present{where}",
@@ -306,14 +326,16 @@ def validate(
     prepare: Callable[[pl.DataFrame, QualityParams], pl.DataFrame],
 ) -> QualityReport:
     schema = SCHEMAS[table]
+    typed = pl.from_arrow(schema.empty_table()).schema
     missing_columns = [name for name in schema.names if name not in frame.columns]
     original = frame
     if missing_columns:
         # Fill absent columns with typed nulls so that the suite still runs and reports.
-        empty = pl.from_arrow(schema.empty_table())
-        frame = frame.with_columns(
-            [pl.lit(None, dtype=empty.schema[name]).alias(name) for name in missing_columns]
-        )
+        frame = frame.with_columns([pl.lit(None, dtype=typed[name]).alias(name) for name in missing_columns])
+    # Untyped all-null columns (dtype Null, e.g. from a dict of Nones) get the schema's type.
+    untyped = [c for c in typed if c in frame.columns and frame.schema[c] == pl.Null]
+    if untyped:
+        frame = frame.with_columns([pl.col(c).cast(typed[c]) for c in untyped])
     prepared = prepare(frame, params)
     layers: list[str] = []
     if PARTITION_COLUMN in prepared.columns and prepared.height:
@@ -464,6 +486,14 @@ def _jsonable(value: Any, integral: bool = False) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v, integral) for k, v in value.items()}
     return _jsonable(str(value))
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _fmt(value: float | None) -> str:

@@ -13,6 +13,7 @@ from data_quality.core import (
     add_coverage,
     add_finite,
     add_not_null,
+    list_len,
     new_suite,
     with_coverage_column,
 )
@@ -25,7 +26,7 @@ ORDER_TOLERANCE = 1e-4
 
 def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
     suite = new_suite(TABLE)
-    add_common(suite, TABLE, ["model", "count"])
+    add_common(suite, TABLE, ["model", "count", "len(quantile_boundaries)"])
     add_finite(suite, ["mean", "variance", "max", "min"])
     add_between(suite, "max - mean", -ORDER_TOLERANCE, None, "max >= mean")
     add_between(suite, "mean - min", -ORDER_TOLERANCE, None, "mean >= min")
@@ -43,6 +44,14 @@ def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
         0,
         "quantile_boundaries are non-decreasing",
     )
+    boundaries = max(params.quantile_bins - 1, 0)
+    add_between(
+        suite,
+        "len(quantile_boundaries)",
+        boundaries,
+        boundaries,
+        f"quantile_boundaries has quantile_bins - 1 = {boundaries} items",
+    )
     add_coverage(suite, params, layers)
     return suite
 
@@ -53,6 +62,7 @@ def prepare(frame: pl.DataFrame, params: QualityParams) -> pl.DataFrame:
         frame.with_columns(
             (pl.col("max").cast(pl.Float64) - mean).alias("max - mean"),
             (mean - pl.col("min").cast(pl.Float64)).alias("mean - min"),
+            list_len("quantile_boundaries"),
             pl.col("quantile_boundaries")
             .list.eval(pl.element().diff() < 0)
             .list.sum()

@@ -77,35 +77,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     defs = build_definitions(settings)
-    instance = _instance()
-    graph = defs.resolve_asset_graph()
-    layer_assets = [key for key in graph.get_all_asset_keys() if key != dg.AssetKey("corpus_tokens")]
-    all_assets = defs.resolve_all_asset_specs()
-    del all_assets  # resolution above validates the definitions before anything runs
-    job_assets = list(defs.assets or [])
-    resources = defs.resources or {}
+    assets = list(defs.assets or [])
+    corpus_key = dg.AssetKey("corpus_tokens")
+    layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key != corpus_key]
+    log_level = "INFO" if args.verbose else "WARNING"
+    common = dict(
+        resources=defs.resources or {},
+        instance=_instance(),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
     try:
-        result = dg.materialize(
-            [a for a in job_assets if dg.AssetKey("corpus_tokens") in getattr(a, "keys", set())],
-            resources=resources,
-            instance=instance,
-        )
-        if not result.success:
-            raise UserError("corpus_tokens failed")
-        # One run per contiguous range of layers: a range is one single-run backfill = one forward pass.
+        dg.materialize(assets, selection=[corpus_key], **common)
+        # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
+        # forward pass over the corpus that stops at the range's deepest layer.
         for start, end in _contiguous_ranges(layers):
-            result = dg.materialize(
-                job_assets,
-                selection=dg.AssetSelection.assets(*layer_assets),
-                resources=resources,
-                instance=instance,
+            dg.materialize(
+                assets,
+                selection=layer_keys,
                 tags={
                     "dagster/asset_partition_range_start": str(start),
                     "dagster/asset_partition_range_end": str(end),
                 },
+                **common,
             )
-            if not result.success:
-                raise UserError(f"run for layers {start}-{end} failed")
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
     _print_summary(settings, layers)
@@ -120,8 +114,8 @@ def _print_summary(settings, layers: list[int]) -> None:
     from neuron_pipeline.lake import read_table
 
     summary = read_table(settings.lake_path, "layer_summary", where={"layer": [str(layer) for layer in layers]})
-    console = Console()
-    table = Table(title="neuron-pipeline summary")
+    console = Console(width=max(Console().width, 150))
+    table = Table(title=f"neuron-pipeline summary: {summary['model'][0] if summary.height else ''}")
     for column in ("layer", "explainer", "simulator", "neurons explained", "mean score", "best neuron", "explanation"):
         table.add_column(column)
     for row in summary.with_columns(pl.col("layer").cast(pl.Int64)).sort("layer", "explainer_id").iter_rows(named=True):
@@ -134,7 +128,7 @@ def _print_summary(settings, layers: list[int]) -> None:
             str(row["neurons_scored"] + row["neurons_null"]),
             mean,
             best,
-            (row["best_explanation"] or "")[:70],
+            (row["best_explanation"] or "")[:60],
         )
     console.print(table)
     console.print(f"lake:   {settings.lake_path}")
@@ -237,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
     run.add_argument("--neurons", help="'all', '0-31', ...")
+    run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(func=cmd_run)
 
     show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")

@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers are accepted for text settings: YAML and environment values arrive typed, and
+    # `layers: 3` or NEURON_PIPELINE__LAYERS=3 mean the text "3".
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class SubjectSettings(_Section):
@@ -135,7 +137,7 @@ def parse_index_spec(spec: str | int | None, size: int, what: str) -> list[int]:
     """Parse "all" / "3" / "0,3" / "0-5" / "0-3,10" into sorted unique indices below `size`."""
     if spec is None or str(spec).strip().lower() in ("", "all"):
         return list(range(size))
-    indices: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for part in str(spec).split(","):
         part = part.strip()
         try:
@@ -144,19 +146,20 @@ def parse_index_spec(spec: str | int | None, size: int, what: str) -> list[int]:
                 lo, hi = int(lo_text), int(hi_text)
                 if hi < lo:
                     raise ValueError
-                indices.update(range(lo, hi + 1))
             else:
-                indices.add(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise ConfigError(
                 f"cannot read {what} selection {spec!r}: use 'all', '3', '0,3' or '0-5'"
             ) from None
-    out_of_range = [i for i in sorted(indices) if i < 0 or i >= size]
+        ranges.append((lo, hi))
+    # Checked before expanding, so a typo like "0-99999999999" fails at once instead of filling memory.
+    out_of_range = sorted(lo if lo < 0 else max(lo, size) for lo, hi in ranges if lo < 0 or hi >= size)
     if out_of_range:
         raise ConfigError(
             f"{what} {out_of_range[0]} is out of range: the model has {size} {what}s (0-{size - 1})"
         )
-    return sorted(indices)
+    return sorted({i for lo, hi in ranges for i in range(lo, hi + 1)})
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,20 +207,73 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
         if not path:
             continue
         node = values
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
-        # YAML scalars so that numbers and booleans arrive typed ("64" -> 64, "true" -> True).
-        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"environment variable {key} conflicts with {ENV_PREFIX}{'__'.join(path[: depth + 1]).upper()}: "
+                    "set one of them"
+                )
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"environment variable {key} conflicts with variables that set fields inside it")
+        node[path[-1]] = _env_scalar(raw)
     return values
 
 
-def _format_validation_error(exc: ValidationError, origin: str) -> str:
+def _env_scalar(raw: str) -> Any:
+    """YAML scalars so that numbers and booleans arrive typed ("64" -> 64, "true" -> True);
+    text that is not valid YAML (e.g. "{oops") is kept as it is."""
+    if not raw.strip():
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _lookup(values: Any, loc: tuple) -> bool:
+    """Whether ``values`` sets the field at ``loc`` (or a parent of it with a non-mapping value)."""
+    node = values
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+        if not isinstance(node, (Mapping, list)):
+            return True
+    return True
+
+
+_ENV_SOURCE = f"environment variables {ENV_PREFIX}*"
+
+
+def _is_leaf(sources: list[tuple[str, Any]], loc: tuple) -> bool:
+    node: Any = dict(sources)[_ENV_SOURCE]
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, Mapping)
+
+
+def _format_validation_error(exc: ValidationError, sources: list[tuple[str, Any]]) -> str:
+    """One line: the field, what is wrong, and where the offending value came from.
+
+    ``sources`` are (label, values) from the highest precedence down."""
     first = exc.errors()[0]
     location = ".".join(str(p) for p in first["loc"]) or "settings"
-    message = first["msg"]
+    message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown setting; remove it or check its spelling"
+    message = " ".join(message.split())  # never more than one line
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    loc = tuple(first["loc"])
+    origin = next((label for label, values in sources if _lookup(values, loc)), sources[-1][0])
+    if origin == _ENV_SOURCE and all(isinstance(p, str) for p in loc):
+        variable = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+        origin = f"environment variable {variable}" if _is_leaf(sources, loc) else origin
     return f"invalid config {location}: {message}{extra} [{origin}]"
 
 
@@ -237,15 +293,24 @@ def load_settings(
             raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file")
         file_values = _read_yaml(path.read_text(), str(path))
     chosen_profile = profile or file_values.get("profile") or environ.get(PROFILE_ENV) or DEFAULT_PROFILE
-    merged = _profile_values(chosen_profile)
-    for layer_values in (file_values, _env_values(environ), dict(overrides or {})):
+    profile_values = _profile_values(chosen_profile)
+    env_values = _env_values(environ)
+    override_values = dict(overrides or {})
+    merged = profile_values
+    for layer_values in (file_values, env_values, override_values):
         merged = _deep_merge(merged, layer_values)
     merged["profile"] = chosen_profile
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        origin = str(config_file) if config_file else f"profile {chosen_profile}"
-        raise ConfigError(_format_validation_error(exc, origin)) from None
+        sources: list[tuple[str, Any]] = [
+            ("overrides", override_values),
+            (_ENV_SOURCE, env_values),
+        ]
+        if config_file:
+            sources.append((str(config_file), file_values))
+        sources.append((f"profile {chosen_profile}", profile_values))
+        raise ConfigError(_format_validation_error(exc, sources)) from None
 
 
 CACHE_ENV = "NEURON_PIPELINE_CACHE"

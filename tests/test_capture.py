@@ -31,6 +31,11 @@ VOCAB = 96
 SALT_RANDOM, SALT_QUANTILE = 1, 2
 
 
+def records_settings(**values) -> RecordsSettings:
+    """RecordsSettings with the explain/score splits small enough for tiny top_k / random_k."""
+    return RecordsSettings(**{"explain_top": 1, "score_top": 1, "score_random": 1, **values})
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny subjects and the brute-force reference
 
@@ -127,12 +132,13 @@ def brute_force_records(acts: np.ndarray, neurons, layer: int, records: RecordsS
         boundaries = torch.quantile(
             torch.as_tensor(np.take_along_axis(maxima, sampled, 0)).double(), qs, dim=0
         ).float().numpy()
-        candidates = key_order[:n_candidates]  # [C, N] sequence ids in key order
-        cand_bins = quantile_bin_of(np.take_along_axis(maxima, candidates, 0), boundaries)
+        candidates = key_order[:n_candidates]  # [C, N] sequence ids in key order (C <= S)
+        cand_bins = np.full((n_candidates, n), -1, dtype=np.int64)  # rows past S stay unused
+        cand_bins[: len(candidates)] = quantile_bin_of(np.take_along_axis(maxima, candidates, 0), boundaries)
         chosen = np.full((n_candidates, n), -1, dtype=np.int64)
         for j in range(n):
             taken = {}
-            for row in range(len(candidates[:, j])):
+            for row in range(len(candidates)):
                 b = cand_bins[row, j]
                 if taken.get(b, 0) < records.per_quantile_bin:
                     taken[b] = taken.get(b, 0) + 1
@@ -152,7 +158,9 @@ def check_excerpts(sample: dict, ids: np.ndarray, acts: np.ndarray) -> None:
     np.testing.assert_allclose(sample["activations"][valid.nonzero()[0], :, valid.nonzero()[1]],
                                expected[valid.nonzero()[0], :, valid.nonzero()[1]], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sample["max_activation"][valid], expected.max(1)[valid], rtol=1e-5, atol=1e-6)
+    # Unused slots (and quantile candidates not picked) carry no data.
     assert np.isnan(sample["max_activation"][~valid]).all()
+    assert (sample["activations"].transpose(0, 2, 1)[~valid] == 0).all()
 
 
 def check_capture(got, acts: np.ndarray, neurons, layer: int, records: RecordsSettings) -> None:
@@ -169,8 +177,10 @@ def check_capture(got, acts: np.ndarray, neurons, layer: int, records: RecordsSe
     top = got.samples["top"]
     check_excerpts(top, exp["top"], acts)
     valid = exp["top"] >= 0
-    # Sorted by max activation, descending (ties by lower sequence id are in the ids above).
-    assert (np.diff(np.where(valid, top["max_activation"], -np.inf), axis=0) <= 0).all()
+    # Used slots come first, sorted by max activation descending (ties: see the ids above).
+    assert (valid[:-1] | ~valid[1:]).all()
+    steps = np.diff(np.where(valid, top["max_activation"], np.nan), axis=0)
+    assert (steps[~np.isnan(steps)] <= 0).all()
     check_excerpts(got.samples["random"], exp["random"], acts)
 
     bins = records.quantile_bins
@@ -182,7 +192,7 @@ def check_capture(got, acts: np.ndarray, neurons, layer: int, records: RecordsSe
     quantile = got.samples["quantile"]
     check_excerpts(quantile, exp["quantile_ids"], acts)
     kept = quantile["sequence_id"] >= 0
-    np.testing.assert_array_equal(quantile["quantile_bin"][kept], exp["quantile_bins"][kept])
+    np.testing.assert_array_equal(quantile["quantile_bin"], np.where(kept, exp["quantile_bins"], -1))
     # At most per_quantile_bin records per bin, ranked 0.. in key order within their bin.
     for j in range(len(neurons)):
         for b in range(bins):
@@ -200,7 +210,7 @@ def check_capture(got, acts: np.ndarray, neurons, layer: int, records: RecordsSe
 # ---------------------------------------------------------------------------------------------
 # Capture against brute force on tiny random models
 
-RECORDS = RecordsSettings(top_k=12, random_k=10, quantile_bins=4, per_quantile_bin=3, quantile_sample_size=200, seed=3)
+RECORDS = records_settings(top_k=12, random_k=10, quantile_bins=4, per_quantile_bin=3, quantile_sample_size=200, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +245,7 @@ def test_capture_equals_brute_force(kind, neuron_set, request, corpus):
 def test_quantile_sample_smaller_than_corpus(llama):
     """With fewer maxima sampled than sequences, boundaries come from the smallest salt-2 keys."""
     tokens = random_tokens(150, 16, seed=2)
-    records = RecordsSettings(top_k=10, random_k=5, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=30)
+    records = records_settings(top_k=10, random_k=5, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=30)
     assert 3 * 2 * _QUANTILE_OVERSAMPLE < 30 < 150
     neurons = [1, 5, 40]
     reference = all_activations(llama, tokens)
@@ -248,7 +258,7 @@ def test_quantile_sample_smaller_than_corpus(llama):
 
 def test_boundaries_equal_torch_quantile_of_all_maxima(llama, corpus):
     neurons = [0, 5, 7, 31]
-    records = RecordsSettings(top_k=10, quantile_bins=5, per_quantile_bin=2, quantile_sample_size=len(corpus))
+    records = records_settings(top_k=10, quantile_bins=5, per_quantile_bin=2, quantile_sample_size=len(corpus))
     maxima = torch.as_tensor(all_activations(llama, corpus)[1][:, :, neurons].max(1)).double()
     got = capture_layers(llama, corpus, [1], neurons, records, batch_size=10)[1]
     expected = torch.quantile(maxima, torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64), dim=0)
@@ -276,7 +286,7 @@ def test_ties_go_to_the_lower_sequence_id_and_the_lower_bin():
     maxima = reference.max(1)
     assert (maxima[:, 1] == 0).all()
     assert 10 < (maxima[:, 2] == 0).sum() < 75 and (maxima[:, 2] > 0).sum() < 30
-    records = RecordsSettings(top_k=30, random_k=5, quantile_bins=4, per_quantile_bin=3)
+    records = records_settings(top_k=30, random_k=5, quantile_bins=4, per_quantile_bin=3)
     got = capture_layers(subject, tokens, [0], neurons, records, batch_size=9)[0]
     check_capture(got, reference, neurons, 0, records)
     top = got.samples["top"]
@@ -296,7 +306,7 @@ def test_ties_go_to_the_lower_sequence_id_and_the_lower_bin():
 def test_result_does_not_depend_on_batch_size(llama):
     tokens = random_tokens(70, 20, seed=5)
     neurons = [0, 5, 7, 31, 47]
-    records = RecordsSettings(top_k=10, random_k=8, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=40)
+    records = records_settings(top_k=10, random_k=8, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=40)
     results = {b: capture_layers(llama, tokens, [0, 1], neurons, records, batch_size=b) for b in (1, 7, 64)}
     base = results[64]
     for b in (1, 7):
@@ -330,7 +340,7 @@ def test_layers_in_one_pass_equal_separate_passes(gpt2, corpus):
 def test_fewer_sequences_than_top_k_pads_only_unused_slots(llama):
     tokens = random_tokens(5, 12, seed=6)
     neurons = [0, 5, 7]
-    records = RecordsSettings(top_k=8, random_k=7, quantile_bins=2, per_quantile_bin=4)
+    records = records_settings(top_k=8, random_k=7, quantile_bins=2, per_quantile_bin=4)
     got = capture_layers(llama, tokens, [0], neurons, records, batch_size=2)[0]
     reference = all_activations(llama, tokens)[0][:, :, neurons]
     check_capture(got, reference, neurons, 0, records)
@@ -349,7 +359,7 @@ def test_fewer_sequences_than_top_k_pads_only_unused_slots(llama):
 
 def test_single_sequence_and_no_quantile_bins(gpt2):
     tokens = random_tokens(1, 10, seed=7)
-    records = RecordsSettings(top_k=3, random_k=2, quantile_bins=0, explain_top=1, score_top=1, score_random=1)
+    records = records_settings(top_k=3, random_k=2, quantile_bins=0, explain_top=1, score_top=1, score_random=1)
     got = capture_layers(gpt2, tokens, [1], [4, 8], records, batch_size=4)[1]
     check_capture(got, all_activations(gpt2, tokens)[1][:, :, [4, 8]], [4, 8], 1, records)
     assert got.quantile_boundaries.shape == (0, 2)
@@ -404,7 +414,7 @@ def test_accumulator_with_many_ties_equals_brute_force(seed):
     # Small integers: maxima tie all the time; column 3 is constant (every excerpt ties).
     acts = rng.integers(-3, 4, size=(n_seq, seq_len, len(neurons))).astype(np.float32)
     acts[:, :, 3] = 1.0
-    records = RecordsSettings(top_k=25, random_k=9, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=60,
+    records = records_settings(top_k=25, random_k=9, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=60,
                               seed=seed + 11)
     acc = LayerAccumulator(4, torch.tensor(neurons), seq_len, records, "cpu")
     start = 0
@@ -474,7 +484,7 @@ def test_bundled_model_capture_equals_brute_force():
     assert (subject.num_layers, subject.num_neurons) == (30, 1536)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, subject.model.config.vocab_size, size=(36, 32), dtype=np.int64)
-    records = RecordsSettings(top_k=10, random_k=6, quantile_bins=3, per_quantile_bin=2)
+    records = records_settings(top_k=10, random_k=6, quantile_bins=3, per_quantile_bin=2)
     reference = all_activations(subject, tokens)
     subset = [0, 5, 7, 31, 1535]
     all_neurons = list(range(1536))

@@ -380,7 +380,7 @@ def test_activations_duplicate_neuron():
 def test_activations_coverage_missing_neuron():
     df = activations_frame().filter(pl.col("neuron") != 2)
     report = validate_table("neuron_activations", df, PARAMS)
-    fail = only_failure(report, "all 3 expected neurons present of layer 3")
+    fail = only_failure(report, "all 3 expected neurons present in layer 3")
     assert fail["missing_count"] == 1 and fail["missing_values"] == [2]
     assert "1 missing, e.g. [2]" in report.summary()
     assert report.failing_rows.is_empty()  # a missing row cannot be shown
@@ -397,7 +397,7 @@ def test_activations_coverage_per_layer():
 
 def test_activations_without_expectations_of_count_or_coverage():
     df = activations_frame().filter(pl.col("neuron") != 2).with_columns(pl.lit(7, dtype=pl.Int64).alias("count"))
-    assert validate_table("neuron_activations", df, QualityParams(sequence_length=L)).success
+    assert validate_table("neuron_activations", df, QualityParams(sequence_length=L, quantile_bins=3)).success
 
 
 def test_activations_missing_column():
@@ -513,7 +513,7 @@ def test_records_bad_kind_and_quantile_bin():
 def test_records_coverage():
     df = records_frame().filter(pl.col("neuron") != 0)
     report = validate_table("activation_records", df, PARAMS)
-    assert only_failure(report, "all 3 expected neurons present of layer 3")["missing_values"] == [0]
+    assert only_failure(report, "all 3 expected neurons present in layer 3")["missing_values"] == [0]
 
 
 # --------------------------------------------------------------------------- explanations
@@ -613,7 +613,7 @@ def test_scores_duplicate_and_coverage():
     report = validate_table("scores", df, PARAMS)
     assert failure(report, "(layer, neuron, explainer_id, simulator_id) is unique")["unexpected_count"] == 2
     assert failure(report, "score_top in [-1, 1] or null")["unexpected_values"] == [-1.2]
-    assert failure(report, "all 3 expected neurons present of layer 3")["missing_values"] == [0]
+    assert failure(report, "all 3 expected neurons present in layer 3")["missing_values"] == [0]
     assert report.failed == 3
     assert failing_row_indices(report) == [0, 2]
     assert report.failing_rows.get_column("failed_expectations").to_list() == [
@@ -686,3 +686,37 @@ def test_failing_rows_are_capped_and_large_tables_are_quick():
     assert len(fail["unexpected_values"]) <= 5
     assert report.failing_rows.height == 20
     assert math.isclose(fail["unexpected_percent"], 100.0)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("table", list(VALID))
+def test_empty_tables_fail_without_raising(table):
+    report = validate_table(table, VALID[table]().clear(), PARAMS)
+    assert not report.success
+    assert failure(report, f"{table} is not empty")["observed_value"] == 0
+    assert report.failing_rows.is_empty()
+
+
+def test_quantile_boundaries_length():
+    df = set_cell(activations_frame(), 0, "quantile_boundaries", [0.5, 1.0, 2.0])
+    report = validate_table("neuron_activations", df, PARAMS)
+    fail = only_failure(report, "quantile_boundaries has quantile_bins - 1 = 2 items")
+    assert fail["unexpected_values"] == [3]
+
+
+def test_untyped_null_column_is_cast_to_schema():
+    df = explanations_frame().with_columns(pl.lit(None).alias("error"))
+    assert df.schema["error"] == pl.Null
+    assert validate_table("explanations", df.with_columns(pl.lit("ok").alias("explanation")), PARAMS).success
+
+
+def test_failing_rows_markdown():
+    df = set_cell(simulations_frame(), 5, "expected_activations", [0.0] * (L - 1) + [11.0])
+    report = validate_table("simulations", df, PARAMS)
+    markdown = report.failing_rows_markdown()
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| row | model |") and len(lines) == 3
+    assert f"({L} items)" in lines[2] and "expected_activations <= 10" in lines[2]
+    assert validate_table("simulations", simulations_frame(), PARAMS).failing_rows_markdown() == "(no failing rows)"

@@ -36,16 +36,23 @@ class PipelineSettingsResource(dg.ConfigurableResource):
         return cls(settings_json=settings.model_dump_json())
 
 
+# Loaded models by their settings: the CLI runs several Dagster runs in one process and
+# each run builds its resources anew, but the weights only need to be loaded once.
+_LOADED_SUBJECTS: dict[str, Subject] = {}
+
+
 class SubjectModelResource(dg.ConfigurableResource):
     """Loads the subject model once per process and hands it to the steps that need it."""
 
     pipeline: PipelineSettingsResource
-    _subject: Subject | None = PrivateAttr(default=None)
 
     def load(self) -> Subject:
-        if self._subject is None:
-            self._subject = load_subject(self.pipeline.settings.subject)
-        return self._subject
+        subject_settings = self.pipeline.settings.subject
+        key = subject_settings.model_dump_json()
+        if key not in _LOADED_SUBJECTS:
+            _LOADED_SUBJECTS.clear()  # keep at most one model in memory
+            _LOADED_SUBJECTS[key] = load_subject(subject_settings)
+        return _LOADED_SUBJECTS[key]
 
     def tokenizer(self):
         return self.load().tokenizer

@@ -32,10 +32,15 @@ def discretize(activations: Sequence[float], max_activation: float) -> list[int]
 
 
 def escape_token(token: str) -> str:
-    """Make a token safe inside one "token<TAB>value" line."""
+    """Make a token safe inside one "token<TAB>value" line.
+
+    Backslashes are doubled first, then tab/newline/CR become ``\\t``/``\\n``/``\\r``, and a
+    backslash goes inside any marker text (``<start>`` -> ``<\\start>``), so the markers never
+    appear in a prompt except where the code puts them, and the escaping stays reversible.
+    """
     escaped = token.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     for marker in (START_MARKER, END_MARKER):
-        escaped = escaped.replace(marker, "\\" + marker)
+        escaped = escaped.replace(marker, marker[0] + "\\" + marker[1:])
     return escaped
 
 

@@ -270,9 +270,13 @@ def _pick_quantile_records(candidates: dict[str, np.ndarray], boundaries: np.nda
         chosen = in_bin & (order_in_bin < per_bin)
         keep |= chosen
         rank = np.where(chosen, order_in_bin, rank)
+    # Candidates that were not picked look exactly like unused slots of the other samples:
+    # sequence_id -1, max_activation NaN, activations 0 (and quantile_bin -1).
     out = dict(candidates)
     out["sequence_id"] = np.where(keep, candidates["sequence_id"], -1)
-    out["quantile_bin"] = bins
+    out["max_activation"] = np.where(keep, candidates["max_activation"], np.float32(np.nan))
+    out["activations"] = np.where(keep[:, None, :], candidates["activations"], np.float32(0))
+    out["quantile_bin"] = np.where(keep, bins, -1)
     out["bin_rank"] = rank
     return out
 

@@ -158,6 +158,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_subject(settings: SubjectSettings) -> Subject:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     model_id, location, config = _load_config(settings.model, settings.trust_remote_code)
     spec = architecture_for(config)  # fail before loading weights

