@@ -80,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     assets = list(defs.assets or [])
     corpus_key = dg.AssetKey("corpus_tokens")
     layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key != corpus_key]
-    log_level = "INFO" if args.verbose else "WARNING"
+    # Failures are reported by main() as one line; Dagster's own step logs only with --verbose.
+    log_level = "INFO" if args.verbose else "CRITICAL"
     common = dict(
         resources=defs.resources or {},
         instance=_instance(),
@@ -149,7 +150,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise UserError(
             f"no records for layer {args.layer} neuron {args.neuron} in {lake}: run `neuron-pipeline run` for it first"
         )
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]layer {args.layer} neuron {args.neuron}[/bold]  ({records['model'][0]})")
     explanations = read_table(lake, "explanations", where=where)
     scores = read_table(lake, "scores", where=where)

@@ -87,7 +87,7 @@ class RecordsSettings(_Section):
     @property
     def top_splits(self) -> int:
         """Number of interleaved splits of the top records (split 0 explains, split 1 scores)."""
-        return max(2, self.top_k // self.explain_top)
+        return max(2, self.top_k // max(self.explain_top, self.score_top))
 
 
 Backend = Literal["baseline", "local", "openai"]

@@ -207,3 +207,34 @@ def test_other_partitions_survive_a_rewrite(small_lake, table):
     write_table(small_lake, table, layer1, replace_where={"layer": "1"})
     after = read_table(small_lake, table)
     assert after.sort(after.columns[:6]).equals(before.sort(before.columns[:6]))
+
+
+def test_quality_gate_stops_bad_rows_before_they_land(tmp_path, monkeypatch):
+    import neuron_pipeline.assets.capture as capture_module
+
+    original = capture_module.records_frame
+
+    def unsorted_records(*args, **kwargs):
+        frame = original(*args, **kwargs)
+        # Corrupt the capture: top records no longer sorted by max activation.
+        return frame.with_columns(
+            rank=pl.when(pl.col("kind") == "top").then(19 - pl.col("rank")).otherwise(pl.col("rank"))
+        )
+
+    monkeypatch.setattr(capture_module, "records_frame", unsorted_records)
+    settings = small_settings(tmp_path / "lake", layers="0")
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _materialize(defs, ["corpus_tokens"], instance=instance).success
+    result = _materialize(defs, LAYER_ASSETS, partition_key="0", instance=instance, raise_on_error=False)
+    assert not result.success
+    evaluations = {e.asset_key.to_user_string(): e for e in result.get_asset_check_evaluations()}
+    assert evaluations["activation_records"].passed is False
+    assert "failed" in evaluations["activation_records"].metadata["summary"].value
+    # Nothing was written for the bad layer, and nothing downstream ran.
+    from neuron_pipeline.lake import table_exists
+
+    for table in LAYER_ASSETS:
+        assert not table_exists(settings.lake_path, table), table
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialized == set()

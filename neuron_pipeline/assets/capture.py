@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 import dagster as dg
 
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import parse_index_spec
@@ -105,6 +107,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 "quantile bins of excerpt max activation; tokens and activations per excerpt.",
             ),
         ],
+        check_specs=[quality_check_spec("neuron_activations"), quality_check_spec("activation_records")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
@@ -140,10 +143,22 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
             )
 
         sequence_tokens = corpus.select("sequence_id", "tokens")
+        params = QualityParams.from_settings(
+            settings, expected_neurons=neurons, corpus_tokens=int(token_ids.size), corpus_sequences=len(token_ids)
+        )
+        stats_gate = QualityGate("neuron_activations", params)
+        records_gate = QualityGate("activation_records", params)
         n_records = 0
         for layer, layer_capture in captures.items():
             stats = stats_frame(layer_capture, subject.model_id, corpus_hash)
             records = records_frame(layer_capture, subject.model_id, sequence_tokens)
+            # Both tables are validated before either is written.
+            stats_gate.validate(stats, layer)
+            records_gate.validate(records, layer)
+            if not (stats_gate.passed and records_gate.passed):
+                yield stats_gate.result()
+                yield records_gate.result()
+                raise (stats_gate if not stats_gate.passed else records_gate).failure()
             write_table(lake, "neuron_activations", stats, replace_where={"layer": str(layer)})
             write_table(lake, "activation_records", records, replace_where={"layer": str(layer)})
             n_records += records.height
@@ -152,6 +167,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         yield dg.MaterializeResult(
             asset_key="neuron_activations",
             metadata={**common, "path": dg.MetadataValue.path(str(table_path(lake, "neuron_activations")))},
+            check_results=[stats_gate.result()],
         )
         yield dg.MaterializeResult(
             asset_key="activation_records",
@@ -160,6 +176,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 "records": n_records,
                 "path": dg.MetadataValue.path(str(table_path(lake, "activation_records"))),
             },
+            check_results=[records_gate.result()],
         )
 
     return capture

@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.corpus import corpus_frame, tokenize_corpus
 from neuron_pipeline.lake import table_path, write_table
@@ -13,17 +15,24 @@ from neuron_pipeline.lake import table_path, write_table
     owners=["team:interpretability"],
     description="Fixed-length token sequences (64 tokens, like the paper) from the configured corpus.",
     code_version="corpus_tokens-v1",
+    check_specs=[quality_check_spec("corpus_tokens")],
 )
 def corpus_tokens(
     context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, subject_model: SubjectModelResource
-) -> dg.MaterializeResult:
+):
     settings = pipeline.settings
     subject = subject_model.load()
     sequences = tokenize_corpus(settings.corpus, subject.tokenizer)
     frame = corpus_frame(sequences, subject.tokenizer, subject.model_id, settings.corpus.source)
+    gate = QualityGate("corpus_tokens", QualityParams.from_settings(settings))
+    gate.validate(frame)
+    if not gate.passed:
+        yield gate.result()
+        raise gate.failure()
     version = write_table(pipeline.lake, "corpus_tokens", frame)
     context.log.info(f"{frame.height} sequences of {settings.corpus.sequence_length} tokens from {sequences.source}")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
+        check_results=[gate.result()],
         metadata={
             "sequences": frame.height,
             "tokens": frame.height * settings.corpus.sequence_length,

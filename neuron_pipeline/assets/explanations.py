@@ -8,6 +8,8 @@ from tqdm.auto import tqdm
 
 import dagster as dg
 
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -88,6 +90,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="One explanation per neuron and explainer id (hash of explainer model, prompt template and "
         "parameters). A new prompt adds rows under a new id; earlier ids stay queryable.",
+        check_specs=[quality_check_spec("explanations")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
@@ -95,8 +98,9 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     )
     def explanations(
         context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
-    ) -> dg.MaterializeResult:
+    ):
         settings, lake = pipeline.settings, pipeline.lake
+        gate = QualityGate("explanations", QualityParams.from_settings(settings))
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         for layer in layers_of(context):
             records = load_neuron_records(lake, layer)
@@ -107,6 +111,10 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
                 existing = read_table(lake, "explanations", where=where)
                 frame, calls = explain_layer(explainer, records, existing, settings.records, model_id, layer)
+                gate.validate(frame, layer)
+                if not gate.passed:
+                    yield gate.result()
+                    raise gate.failure()
                 write_table(lake, "explanations", frame, replace_where=where)
                 totals["explained"] += frame.height
                 totals["new_calls"] += calls
@@ -114,7 +122,8 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 totals["prompt_tokens"] += int(frame["prompt_tokens"].sum() or 0)
                 totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
                 context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations, {calls} new")
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
+            check_results=[gate.result()],
             metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))}
         )
 

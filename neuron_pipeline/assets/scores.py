@@ -5,6 +5,8 @@ import polars as pl
 
 import dagster as dg
 
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.interp.prompts import MAX_VALUE
@@ -55,16 +57,22 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         description="Per (neuron, explainer id, simulator id): correlation of simulated and real activations pooled "
         "over the scored top + random excerpts (the paper's score), top-only and random-only scores, "
         "rsquared and absolute deviation explained.",
+        check_specs=[quality_check_spec("scores")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         code_version="scores-v1",
     )
-    def scores(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource) -> dg.MaterializeResult:
+    def scores(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
+        gate = QualityGate("scores", QualityParams.from_settings(pipeline.settings))
         all_scores = []
         for layer in layers_of(context):
             stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
             max_activation = dict(zip(stats["neuron"].to_list(), stats["max"].to_list()))
             frame = score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation)
+            gate.validate(frame, layer)
+            if not gate.passed:
+                yield gate.result()
+                raise gate.failure()
             write_table(lake, "scores", frame, replace_where={"layer": str(layer)})
             all_scores.append(frame)
         combined = pl.concat(all_scores)
@@ -78,6 +86,6 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                     "null_scores": int(combined["score"].null_count()),
                 }
             )
-        return dg.MaterializeResult(metadata=metadata)
+        yield dg.MaterializeResult(metadata=metadata, check_results=[gate.result()])
 
     return scores

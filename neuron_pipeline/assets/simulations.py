@@ -7,6 +7,8 @@ from tqdm.auto import tqdm
 import dagster as dg
 
 from neuron_pipeline.assets.explanations import load_neuron_records
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -83,6 +85,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="Simulated activation per token of each scored excerpt (5 top excerpts the explainer did not "
         "see + 5 random ones), per explainer id and simulator id, with the simulation mode.",
+        check_specs=[quality_check_spec("simulations")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
         op_tags=GPU_TAGS,
@@ -90,8 +93,9 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     )
     def simulations(
         context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
-    ) -> dg.MaterializeResult:
+    ):
         settings, lake = pipeline.settings, pipeline.lake
+        gate = QualityGate("simulations", QualityParams.from_settings(settings))
         explainer_ids = [e.explainer_id for e in llm.explainers()]
         total_rows, total_calls = 0, 0
         for layer in layers_of(context):
@@ -104,10 +108,15 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                     where = {"layer": str(layer), "explainer_id": explainer_id, "simulator_id": simulator.simulator_id}
                     existing = read_table(lake, "simulations", where=where)
                     frame, calls = simulate_layer(simulator, layer_explanations, records, existing, settings.records)
+                    gate.validate(frame, layer)
+                    if not gate.passed:
+                        yield gate.result()
+                        raise gate.failure()
                     write_table(lake, "simulations", frame, replace_where=where)
                     total_rows += frame.height
                     total_calls += calls
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
+            check_results=[gate.result()],
             metadata={
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,

@@ -5,6 +5,8 @@ import polars as pl
 
 import dagster as dg
 
+from data_quality import QualityParams
+from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
@@ -55,15 +57,21 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="Per layer and (explainer id, simulator id): neurons scored, mean / median / p90 score, share "
         "of neurons scoring >= 0.8, and the best neuron with its explanation.",
+        check_specs=[quality_check_spec("layer_summary")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         code_version="layer_summary-v1",
     )
-    def layer_summary(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource) -> dg.MaterializeResult:
+    def layer_summary(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
+        gate = QualityGate("layer_summary", QualityParams.from_settings(pipeline.settings))
         frames = []
         for layer in layers_of(context):
             where = {"layer": str(layer)}
             frame = summarize_layer(read_table(lake, "scores", where=where), read_table(lake, "explanations", where=where))
+            gate.validate(frame, layer)
+            if not gate.passed:
+                yield gate.result()
+                raise gate.failure()
             write_table(lake, "layer_summary", frame, replace_where=where)
             frames.append(frame)
         summary = pl.concat(frames)
@@ -71,7 +79,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         if summary.height:
             table = summary.select("layer", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron")
             metadata["summary"] = dg.MetadataValue.md(_markdown(table))
-        return dg.MaterializeResult(metadata=metadata)
+        yield dg.MaterializeResult(metadata=metadata, check_results=[gate.result()])
 
     return layer_summary
 

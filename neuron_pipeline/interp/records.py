@@ -58,18 +58,35 @@ def interleaved_splits(items: Sequence[T], n_splits: int) -> list[list[T]]:
     return [list(items[i::n_splits]) for i in range(n_splits)]
 
 
+def top_split_count(n_top: int, explain_top: int, score_top: int) -> int:
+    """Interleaved splits of the top records: each holds enough for explaining and for scoring."""
+    return max(2, n_top // max(explain_top, score_top, 1))
+
+
 def split_records(
     record: NeuronRecord, explain_top: int, score_top: int, score_random: int
 ) -> RecordSplits:
-    n_top_splits = max(2, len(record.top) // explain_top) if record.top else 2
-    top_splits = interleaved_splits(record.top, n_top_splits)
-    random_splits = interleaved_splits(record.random, max(1, len(record.random) // score_random))
+    """Split 0 of the interleaved top records explains, split 1 scores, the rest is held out.
+
+    The split count is sized by the larger of ``explain_top`` and ``score_top``, so a configuration
+    with more scored than explained excerpts still scores ``score_top`` of them. With very few
+    records, split 1 is topped up by split-0 records the explainer did not see.
+    """
+    n_top = len(record.top)
+    top_splits = interleaved_splits(range(n_top), top_split_count(n_top, explain_top, score_top))
+    explain = top_splits[0][:explain_top]
+    unseen = top_splits[0][explain_top:]
+    score = top_splits[1][:score_top]
+    score = sorted(score + unseen[: score_top - len(score)])
+    used = set(explain) | set(score)
+    holdout = [i for i in range(n_top) if i not in used]
+    random_splits = interleaved_splits(record.random, max(1, len(record.random) // max(score_random, 1)))
     return RecordSplits(
-        explain=top_splits[0][:explain_top],
-        score_top=top_splits[1][:score_top],
+        explain=[record.top[i] for i in explain],
+        score_top=[record.top[i] for i in score],
         score_random=random_splits[0][:score_random],
-        holdout_top=[r for split in top_splits[2:] for r in split],
-        holdout_random=[r for split in random_splits[1:] for r in split],
+        holdout_top=[record.top[i] for i in holdout],
+        holdout_random=random_splits[0][score_random:] + [r for split in random_splits[1:] for r in split],
     )
 
 

@@ -1,0 +1,200 @@
+"""The no-LLM baseline: characteristic tokens as the explanation, token lookup as the simulation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from neuron_pipeline.interp.baseline import (
+    BASELINE_VERSION,
+    BaselineExplainer,
+    BaselineSimulator,
+    characteristic_tokens,
+    format_baseline_explanation,
+    parse_token_values,
+    token_key,
+)
+from neuron_pipeline.interp.explainer import make_explainer_id
+from neuron_pipeline.interp.records import ActivationRecord
+from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
+from neuron_pipeline.interp.simulator import make_simulator_id
+
+
+def record(tokens, activations) -> ActivationRecord:
+    return ActivationRecord(tuple(tokens), tuple(float(a) for a in activations))
+
+
+# max activation 10. Normalized (clipped at 0) activations per token type:
+#   cat: " Cat" 1.0, "cat " 0.6, "CAT" 0.8 -> mean 0.8 -> value 8
+#   dog: 0.5 -> 5;  sat: 0.2 -> 2 (exactly at the 0.2 threshold);  on: 0.1 (below threshold)
+#   the: 0 and -0.3 clipped to 0 -> 0
+RECORDS = [
+    record([" Cat", "sat", "on", "the"], [10, 2, 1, 0]),
+    record(["cat ", "CAT", "dog", "the"], [6, 8, 5, -3]),
+]
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256(b"".join(p.encode() + b"\x00" for p in parts)).hexdigest()
+
+
+def test_token_key():
+    assert token_key("  Cat\n") == "cat"
+    assert token_key("ÉCOLE") == "école"
+
+
+def test_characteristic_tokens_by_hand():
+    assert characteristic_tokens(RECORDS, limit=10) == [("cat", 8), ("dog", 5), ("sat", 2)]
+
+
+def test_characteristic_tokens_limit_keeps_the_best():
+    assert characteristic_tokens(RECORDS, limit=2) == [("cat", 8), ("dog", 5)]
+    assert characteristic_tokens(RECORDS, limit=1) == [("cat", 8)]
+
+
+def test_mean_not_max_decides():
+    # "a" peaks at the max once but is usually silent: mean (1 + 0 + 0 + 0) / 4 = 0.25.
+    # "b" never peaks but is steady: mean 0.6.
+    records = [record(["a", "b", "a", "b", "a", "a"], [10, 6, 0, 6, 0, 0])]
+    assert characteristic_tokens(records, limit=5) == [("b", 6), ("a", 2)]
+
+
+def test_ties_break_alphabetically():
+    records = [record(["zeta", "alpha", "mid"], [5, 5, 10])]
+    assert characteristic_tokens(records, limit=3) == [("mid", 10), ("alpha", 5), ("zeta", 5)]
+
+
+def test_whitespace_only_tokens_are_ignored():
+    records = [record([" ", "\n", "x"], [10, 10, 5])]
+    assert characteristic_tokens(records, limit=3) == [("x", 5)]
+
+
+def test_small_means_get_at_least_one():
+    # mean 0.21 -> round(2.1) = 2; mean 0.2 exactly -> 2; value never below 1 when listed.
+    records = [record(["big", "small"], [100, 21])]
+    assert characteristic_tokens(records, limit=3) == [("big", 10), ("small", 2)]
+
+
+@pytest.mark.parametrize("activations", [[0, 0, 0], [-1, -2, -0.5], [0, -3, 0]])
+def test_dead_neuron_has_no_characteristic_tokens(activations):
+    records = [record(["a", "b", "c"], activations)]
+    assert characteristic_tokens(records, limit=8) == []
+    explanation = BaselineExplainer().explain(records)
+    assert explanation.text == "no characteristic tokens"
+    assert explanation.error is None
+    simulation = BaselineSimulator().simulate(explanation.text, [["a", "b", "c"], ["a"]])
+    assert [s.expected_activations for s in simulation] == [(0.0, 0.0, 0.0), (0.0,)]
+
+
+def test_no_records():
+    assert characteristic_tokens([], limit=3) == []
+
+
+# ----------------------------------------------------------------- explanation text round trip
+
+
+def test_explanation_text_format():
+    assert format_baseline_explanation([("cat", 8), ("dog", 5)]) == 'the tokens "cat" (8), "dog" (5)'
+    assert format_baseline_explanation([]) == "no characteristic tokens"
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [("cat", 8), ("dog", 5)],
+        [('say "hi"', 7), ("back\\slash", 3), ("trailing\\", 2)],
+        [("ü", 10), ("日本", 4), ("emoji 🙂", 1), ("ﬁ", 2)],
+        [('", "x" (9), "', 6), ("(3)", 5), (",", 4), ("a b", 3)],
+        [("tab\there", 4), ("line\nbreak", 3), ("\\u0041", 2), ("'", 1)],
+    ],
+)
+def test_explanation_round_trips_through_parse(tokens):
+    text = format_baseline_explanation(tokens)
+    assert parse_token_values(text) == {token: float(value) for token, value in tokens}
+
+
+def test_explainer_output_round_trips_through_parse():
+    text = BaselineExplainer(max_tokens=10).explain(RECORDS).text
+    assert parse_token_values(text) == {"cat": 8.0, "dog": 5.0, "sat": 2.0}
+
+
+def test_parse_free_text_explanations():
+    text = 'fires on "Cat" (7) and on "dog", sometimes "bird" (12); also "CAT" (1)'
+    # Case-insensitive keys, missing value -> top value, above 10 clipped, first mention wins.
+    assert parse_token_values(text) == {"cat": 7.0, "dog": 10.0, "bird": 10.0}
+    assert parse_token_values('"x" (2.5)') == {"x": 2.5}
+    assert parse_token_values("no quoted tokens here") == {}
+    assert parse_token_values('"" (3), "   " (4)') == {}
+
+
+# ---------------------------------------------------------------------------------- simulator
+
+
+def test_simulator_looks_tokens_up():
+    explanation = format_baseline_explanation([("cat", 8), ("dog", 5)])
+    excerpts = [[" Cat", "sat", "DOG ", "cats"], ["the", "dog"]]
+    simulation = BaselineSimulator().simulate(explanation, excerpts)
+    assert len(simulation) == 2
+    assert simulation[0].tokens == (" Cat", "sat", "DOG ", "cats")
+    assert simulation[0].expected_activations == (8.0, 0.0, 5.0, 0.0)
+    assert simulation[1].expected_activations == (0.0, 5.0)
+    assert all(s.mode == "token_lookup" for s in simulation)
+
+
+def test_simulator_with_no_excerpts():
+    assert BaselineSimulator().simulate('"a" (1)', []) == []
+
+
+def test_baseline_end_to_end_scores_a_token_neuron_perfectly():
+    # A neuron that fires on "cat" only: the baseline explanation recovers it exactly.
+    explain = [record(["the", "cat", "sat"], [0, 4, 0]), record(["a", "cat"], [0, 4])]
+    score_top = [record(["cat", "dog"], [4, 0]), record(["my", "cat", "ran"], [0, 4, 0])]
+    score_random = [record(["x", "y", "cat"], [0, 0, 4])]
+    explanation = BaselineExplainer().explain(explain).text
+    simulator = BaselineSimulator()
+    top_sim = simulator.simulate(explanation, [r.tokens for r in score_top])
+    rand_sim = simulator.simulate(explanation, [r.tokens for r in score_random])
+    result = score_simulation(
+        [ScoredSequence(r.activations, s.expected_activations) for r, s in zip(score_top, top_sim)],
+        [ScoredSequence(r.activations, s.expected_activations) for r, s in zip(score_random, rand_sim)],
+        value_scale=4.0 / 10,
+    )
+    assert result.score == pytest.approx(1.0)
+    assert result.rsquared == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------- ids
+
+
+def test_explainer_id_is_stable_and_pinned():
+    prompt_hash = _sha(BASELINE_VERSION)[:16]
+    params = json.dumps({"max_tokens": 8}, sort_keys=True)
+    expected = "baseline-" + _sha(BASELINE_VERSION, prompt_hash, params)[:12]
+    explainer = BaselineExplainer()
+    assert explainer.prompt_hash == prompt_hash
+    assert explainer.explainer_id == expected
+    assert BaselineExplainer(max_tokens=8).explainer_id == expected
+    assert explainer.model_name == BASELINE_VERSION
+
+
+def test_explainer_id_changes_with_max_tokens():
+    ids = {BaselineExplainer(max_tokens=n).explainer_id for n in (1, 4, 8, 16)}
+    assert len(ids) == 4
+
+
+def test_simulator_id_is_stable_and_distinct():
+    expected = "baseline-" + _sha(BASELINE_VERSION, _sha(BASELINE_VERSION)[:16], "{}")[:12]
+    assert BaselineSimulator().simulator_id == expected == BaselineSimulator().simulator_id
+    assert BaselineSimulator().simulator_id != BaselineExplainer().explainer_id
+
+
+def test_make_ids_depend_on_every_input_but_not_param_order():
+    base = make_explainer_id("local", "model-a", "hash1", {"temperature": 0.0, "max_tokens": 60})
+    assert base == make_explainer_id("local", "model-a", "hash1", {"max_tokens": 60, "temperature": 0.0})
+    assert base.startswith("local-")
+    assert base != make_explainer_id("local", "model-b", "hash1", {"temperature": 0.0, "max_tokens": 60})
+    assert base != make_explainer_id("local", "model-a", "hash2", {"temperature": 0.0, "max_tokens": 60})
+    assert base != make_explainer_id("local", "model-a", "hash1", {"temperature": 0.5, "max_tokens": 60})
+    assert make_simulator_id("openai", "m", "h", {}) != make_simulator_id("openai", "m", "h", {"mode": "x"})
