@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import parse_index_spec
@@ -146,28 +146,21 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         params = QualityParams.from_settings(
             settings, expected_neurons=neurons, corpus_tokens=int(token_ids.size), corpus_sequences=len(token_ids)
         )
-        stats_gate = QualityGate("neuron_activations", params)
-        records_gate = QualityGate("activation_records", params)
-        n_records = 0
-        for layer, layer_capture in captures.items():
-            stats = stats_frame(layer_capture, subject.model_id, corpus_hash)
-            records = records_frame(layer_capture, subject.model_id, sequence_tokens)
-            # Both tables are validated before either is written.
-            stats_gate.validate(stats, layer)
-            records_gate.validate(records, layer)
-            if not (stats_gate.passed and records_gate.passed):
-                yield stats_gate.result()
-                yield records_gate.result()
-                raise (stats_gate if not stats_gate.passed else records_gate).failure()
-            write_table(lake, "neuron_activations", stats, replace_where={"layer": str(layer)})
-            write_table(lake, "activation_records", records, replace_where={"layer": str(layer)})
-            n_records += records.height
+        # Both tables, all layers of the run: validated before anything is written.
+        stats = pl.concat([stats_frame(c, subject.model_id, corpus_hash) for c in captures.values()])
+        records = pl.concat([records_frame(c, subject.model_id, sequence_tokens) for c in captures.values()])
+        stats_report = yield from gate("neuron_activations", stats, params)
+        records_report = yield from gate("activation_records", records, params)
+        run_layers = {"layer": [str(layer) for layer in layers]}
+        write_table(lake, "neuron_activations", stats, replace_where=run_layers)
+        write_table(lake, "activation_records", records, replace_where=run_layers)
+        n_records = records.height
 
         common = {"layers": str(layers), "neurons_per_layer": len(neurons), "tokens": int(token_ids.size)}
         yield dg.MaterializeResult(
             asset_key="neuron_activations",
             metadata={**common, "path": dg.MetadataValue.path(str(table_path(lake, "neuron_activations")))},
-            check_results=[stats_gate.result()],
+            check_results=[check_result(stats_report)],
         )
         yield dg.MaterializeResult(
             asset_key="activation_records",
@@ -176,7 +169,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 "records": n_records,
                 "path": dg.MetadataValue.path(str(table_path(lake, "activation_records"))),
             },
-            check_results=[records_gate.result()],
+            check_results=[check_result(records_report)],
         )
 
     return capture

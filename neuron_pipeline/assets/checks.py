@@ -1,4 +1,4 @@
-"""Blocking data-quality gates: Great Expectations suites run on each layer *before* it is written.
+"""Blocking data-quality gates: Great Expectations suites run on a stage's rows *before* they are written.
 
 A failing suite stops the step before the write (so bad rows never land) and, being a blocking
 check, stops every downstream asset of the run. The check result, with the failed expectations
@@ -22,52 +22,30 @@ def quality_check_spec(table: str) -> dg.AssetCheckSpec:
     )
 
 
-class QualityGateFailed(dg.Failure):
-    pass
+def check_result(report: QualityReport) -> dg.AssetCheckResult:
+    metadata: dict = {
+        "rows": report.rows,
+        "expectations_evaluated": report.evaluated,
+        "expectations_failed": report.failed,
+        "summary": report.summary(),
+    }
+    if not report.success:
+        metadata["failures"] = dg.MetadataValue.json(report.failures)
+        metadata["failing_rows"] = dg.MetadataValue.md(report.failing_rows_markdown())
+    return dg.AssetCheckResult(
+        asset_key=report.table,
+        check_name=CHECK_NAME,
+        passed=report.success,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata=metadata,
+    )
 
 
-class QualityGate:
-    """Validates one table's frames layer by layer and reports one check result per run."""
-
-    def __init__(self, table: str, params: QualityParams):
-        self.table = table
-        self.params = params
-        self.reports: list[tuple[str, QualityReport]] = []
-
-    def validate(self, frame: pl.DataFrame, layer: int | str | None = None) -> QualityReport:
-        report = validate_table(self.table, frame, self.params)
-        self.reports.append((str(layer) if layer is not None else "-", report))
-        return report
-
-    @property
-    def passed(self) -> bool:
-        return all(report.success for _, report in self.reports)
-
-    def result(self) -> dg.AssetCheckResult:
-        failed = [(layer, r) for layer, r in self.reports if not r.success]
-        metadata: dict = {
-            "layers": ", ".join(layer for layer, _ in self.reports),
-            "rows": sum(r.rows for _, r in self.reports),
-            "expectations_evaluated": sum(r.evaluated for _, r in self.reports),
-            "expectations_failed": sum(r.failed for _, r in self.reports),
-        }
-        if failed:
-            layer, report = failed[0]
-            metadata["failed_layer"] = layer
-            metadata["summary"] = report.summary()
-            metadata["failures"] = dg.MetadataValue.json(report.failures)
-            metadata["failing_rows"] = dg.MetadataValue.md(report.failing_rows_markdown())
-        return dg.AssetCheckResult(
-            asset_key=self.table,
-            check_name=CHECK_NAME,
-            passed=not failed,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata=metadata,
-        )
-
-    def failure(self) -> QualityGateFailed:
-        layer, report = next((layer, r) for layer, r in self.reports if not r.success)
-        return QualityGateFailed(
-            description=f"data quality: layer {layer} not written: {report.summary()}",
-            metadata={"summary": report.summary()},
-        )
+def gate(table: str, frame: pl.DataFrame, params: QualityParams):
+    """Validate rows about to be written. Yields the check result and raises if they fail,
+    so an asset uses it as ``report = yield from gate(...)`` right before ``write_table``."""
+    report = validate_table(table, frame, params)
+    if not report.success:
+        yield check_result(report)
+        raise dg.Failure(description=f"data quality: {table} not written: {report.summary()}")
+    return report

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.corpus import corpus_frame, tokenize_corpus
 from neuron_pipeline.lake import table_path, write_table
@@ -24,15 +24,11 @@ def corpus_tokens(
     subject = subject_model.load()
     sequences = tokenize_corpus(settings.corpus, subject.tokenizer)
     frame = corpus_frame(sequences, subject.tokenizer, subject.model_id, settings.corpus.source)
-    gate = QualityGate("corpus_tokens", QualityParams.from_settings(settings))
-    gate.validate(frame)
-    if not gate.passed:
-        yield gate.result()
-        raise gate.failure()
+    report = yield from gate("corpus_tokens", frame, QualityParams.from_settings(settings))
     version = write_table(pipeline.lake, "corpus_tokens", frame)
     context.log.info(f"{frame.height} sequences of {settings.corpus.sequence_length} tokens from {sequences.source}")
     yield dg.MaterializeResult(
-        check_results=[gate.result()],
+        check_results=[check_result(report)],
         metadata={
             "sequences": frame.height,
             "tokens": frame.height * settings.corpus.sequence_length,

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -100,31 +100,36 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
     ):
         settings, lake = pipeline.settings, pipeline.lake
-        gate = QualityGate("explanations", QualityParams.from_settings(settings))
+        layers = layers_of(context)
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        for layer in layers_of(context):
-            records = load_neuron_records(lake, layer)
-            if not records:
-                raise ValueError(f"no activation_records for layer {layer}: materialize activation_records first")
-            model_id = read_table(lake, "activation_records", where={"layer": str(layer)}, columns=["model"])["model"][0]
-            for explainer in llm.explainers():
+        run_layers = [str(layer) for layer in layers]
+        records = {layer: load_neuron_records(lake, layer) for layer in layers}
+        missing = [layer for layer in layers if not records[layer]]
+        if missing:
+            raise ValueError(f"no activation_records for layers {missing}: materialize activation_records first")
+        model_id = read_table(lake, "activation_records", where={"layer": run_layers}, columns=["model"])["model"][0]
+        frames = {}
+        for explainer in llm.explainers():
+            per_layer = []
+            for layer in layers:
                 where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
                 existing = read_table(lake, "explanations", where=where)
-                frame, calls = explain_layer(explainer, records, existing, settings.records, model_id, layer)
-                gate.validate(frame, layer)
-                if not gate.passed:
-                    yield gate.result()
-                    raise gate.failure()
-                write_table(lake, "explanations", frame, replace_where=where)
-                totals["explained"] += frame.height
+                frame, calls = explain_layer(explainer, records[layer], existing, settings.records, model_id, layer)
+                per_layer.append(frame)
                 totals["new_calls"] += calls
-                totals["errors"] += int(frame["error"].is_not_null().sum())
-                totals["prompt_tokens"] += int(frame["prompt_tokens"].sum() or 0)
-                totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
                 context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations, {calls} new")
+            frames[explainer.explainer_id] = pl.concat(per_layer)
+        combined = pl.concat(list(frames.values()))
+        report = yield from gate("explanations", combined, QualityParams.from_settings(settings))
+        for explainer_id, frame in frames.items():
+            write_table(lake, "explanations", frame, replace_where={"layer": run_layers, "explainer_id": explainer_id})
+        totals["explained"] = combined.height
+        totals["errors"] = int(combined["error"].is_not_null().sum())
+        totals["prompt_tokens"] = int(combined["prompt_tokens"].sum() or 0)
+        totals["completion_tokens"] = int(combined["completion_tokens"].sum() or 0)
         yield dg.MaterializeResult(
-            check_results=[gate.result()],
-            metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))}
+            check_results=[check_result(report)],
+            metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))},
         )
 
     return explanations

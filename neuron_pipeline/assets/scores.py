@@ -6,7 +6,7 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.interp.prompts import MAX_VALUE
@@ -63,29 +63,25 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     )
     def scores(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
-        gate = QualityGate("scores", QualityParams.from_settings(pipeline.settings))
-        all_scores = []
-        for layer in layers_of(context):
+        layers = layers_of(context)
+        frames = []
+        for layer in layers:
             stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
             max_activation = dict(zip(stats["neuron"].to_list(), stats["max"].to_list()))
-            frame = score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation)
-            gate.validate(frame, layer)
-            if not gate.passed:
-                yield gate.result()
-                raise gate.failure()
-            write_table(lake, "scores", frame, replace_where={"layer": str(layer)})
-            all_scores.append(frame)
-        combined = pl.concat(all_scores)
+            frames.append(score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation))
+        combined = pl.concat(frames)
+        report = yield from gate("scores", combined, QualityParams.from_settings(pipeline.settings))
+        write_table(lake, "scores", combined, replace_where={"layer": [str(layer) for layer in layers]})
         metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "scores"))), "rows": combined.height}
-        if combined.height:
-            valid = combined["score"].drop_nulls()
+        valid = combined["score"].drop_nulls()
+        if len(valid):
             metadata.update(
                 {
-                    "mean_score": float(valid.mean()) if len(valid) else float("nan"),
-                    "median_score": float(valid.median()) if len(valid) else float("nan"),
+                    "mean_score": float(valid.mean()),
+                    "median_score": float(valid.median()),
                     "null_scores": int(combined["score"].null_count()),
                 }
             )
-        yield dg.MaterializeResult(metadata=metadata, check_results=[gate.result()])
+        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report)])
 
     return scores

@@ -8,7 +8,7 @@ import dagster as dg
 
 from neuron_pipeline.assets.explanations import load_neuron_records
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -95,33 +95,42 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource, llm: LLMResource
     ):
         settings, lake = pipeline.settings, pipeline.lake
-        gate = QualityGate("simulations", QualityParams.from_settings(settings))
+        layers = layers_of(context)
         explainer_ids = [e.explainer_id for e in llm.explainers()]
-        total_rows, total_calls = 0, 0
-        for layer in layers_of(context):
-            records = load_neuron_records(lake, layer)
-            for explainer_id in explainer_ids:
-                layer_explanations = read_table(
-                    lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id}
-                )
-                for simulator in llm.simulators():
+        records = {layer: load_neuron_records(lake, layer) for layer in layers}
+        run_layers = [str(layer) for layer in layers]
+        total_calls = 0
+        frames = {}
+        for explainer_id in explainer_ids:
+            for simulator in llm.simulators():
+                per_layer = []
+                for layer in layers:
+                    layer_explanations = read_table(
+                        lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id}
+                    )
                     where = {"layer": str(layer), "explainer_id": explainer_id, "simulator_id": simulator.simulator_id}
                     existing = read_table(lake, "simulations", where=where)
-                    frame, calls = simulate_layer(simulator, layer_explanations, records, existing, settings.records)
-                    gate.validate(frame, layer)
-                    if not gate.passed:
-                        yield gate.result()
-                        raise gate.failure()
-                    write_table(lake, "simulations", frame, replace_where=where)
-                    total_rows += frame.height
+                    frame, calls = simulate_layer(simulator, layer_explanations, records[layer], existing, settings.records)
+                    per_layer.append(frame)
                     total_calls += calls
+                frames[(explainer_id, simulator.simulator_id)] = pl.concat(per_layer)
+        combined = pl.concat(list(frames.values()))
+        report = yield from gate("simulations", combined, QualityParams.from_settings(settings))
+        for (explainer_id, simulator_id), frame in frames.items():
+            write_table(
+                lake,
+                "simulations",
+                frame,
+                replace_where={"layer": run_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
+            )
+        total_rows = combined.height
         yield dg.MaterializeResult(
-            check_results=[gate.result()],
+            check_results=[check_result(report)],
             metadata={
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,
                 "path": dg.MetadataValue.path(str(table_path(lake, "simulations"))),
-            }
+            },
         )
 
     return simulations

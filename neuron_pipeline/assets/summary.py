@@ -6,7 +6,7 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import QualityGate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
@@ -63,23 +63,21 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     )
     def layer_summary(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
-        gate = QualityGate("layer_summary", QualityParams.from_settings(pipeline.settings))
+        layers = layers_of(context)
         frames = []
-        for layer in layers_of(context):
+        for layer in layers:
             where = {"layer": str(layer)}
-            frame = summarize_layer(read_table(lake, "scores", where=where), read_table(lake, "explanations", where=where))
-            gate.validate(frame, layer)
-            if not gate.passed:
-                yield gate.result()
-                raise gate.failure()
-            write_table(lake, "layer_summary", frame, replace_where=where)
-            frames.append(frame)
+            frames.append(
+                summarize_layer(read_table(lake, "scores", where=where), read_table(lake, "explanations", where=where))
+            )
         summary = pl.concat(frames)
+        report = yield from gate("layer_summary", summary, QualityParams.from_settings(pipeline.settings))
+        write_table(lake, "layer_summary", summary, replace_where={"layer": [str(layer) for layer in layers]})
         metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "layer_summary")))}
         if summary.height:
             table = summary.select("layer", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron")
             metadata["summary"] = dg.MetadataValue.md(_markdown(table))
-        yield dg.MaterializeResult(metadata=metadata, check_results=[gate.result()])
+        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report)])
 
     return layer_summary
 
