@@ -6,8 +6,19 @@ import json
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from neuron_pipeline.interp.prompts import content_hash
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse
+from neuron_pipeline.interp.prompts import (
+    PromptTemplate,
+    content_hash,
+    format_records,
+    load_template,
+    max_activation_of,
+)
 from neuron_pipeline.interp.records import ActivationRecord
+
+# The paper's framing: explanations complete this sentence, and the simulator is shown it.
+EXPLANATION_PREFIX = "the main thing this neuron does is find"
+MAX_EXPLANATION_CHARS = 400
 
 
 @dataclass(frozen=True)
@@ -28,3 +39,85 @@ class Explainer(Protocol):
 
 def make_explainer_id(kind: str, model_name: str, prompt_hash: str, params: dict) -> str:
     return f"{kind}-" + content_hash(model_name, prompt_hash, json.dumps(params, sort_keys=True, default=str))[:12]
+
+
+def render_chat(template: PromptTemplate, **values: str) -> tuple[tuple[str, str], ...]:
+    """A template with ``[system]`` / ``[user]`` / ``[assistant]`` section headers -> chat messages."""
+    messages: list[tuple[str, list[str]]] = []
+    for line in template.render(**values).splitlines():
+        header = line.strip()
+        if header in ("[system]", "[user]", "[assistant]"):
+            messages.append((header[1:-1], []))
+        elif messages:
+            messages[-1][1].append(line)
+        elif line.strip():
+            messages.append(("user", [line]))
+    return tuple((role, "\n".join(lines).strip("\n")) for role, lines in messages)
+
+
+def parse_explanation(completion: str) -> str:
+    """The explanation inside a completion: first non-empty line, without an echoed prefix,
+    wrapping quotes or a trailing period. Empty if nothing usable is there."""
+    for line in completion.strip().splitlines():
+        text = line.strip()
+        if text:
+            break
+    else:
+        return ""
+    lowered = text.lower()
+    for prefix in (EXPLANATION_PREFIX, "the main thing neuron c does is find", "neuron c finds"):
+        index = lowered.find(prefix)
+        if index != -1 and index < 20:
+            text = text[index + len(prefix) :].strip()
+            break
+    for _ in range(2):  # quotes and a final period, in either order
+        text = text.strip().strip("\"'`").strip()
+        if text.endswith(".") and not text.endswith("..."):
+            text = text[:-1].rstrip()
+    return text[:MAX_EXPLANATION_CHARS]
+
+
+def best_of(texts: Sequence[str]) -> str:
+    """First non-empty parsed explanation (the caller ranks candidates when it can score them)."""
+    for text in texts:
+        parsed = parse_explanation(text)
+        if parsed:
+            return parsed
+    return ""
+
+
+class LLMExplainer:
+    """Explains a neuron from its top excerpts with a chat model and a versioned prompt template."""
+
+    def __init__(self, model: ChatModel, template_name: str = "explainer_v1", max_tokens: int = 60, temperature: float = 0.0):
+        self.model = model
+        self.template = load_template(template_name, required=("records",))
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.model_name = model.model_name
+        self.prompt_hash = self.template.hash
+        self.explainer_id = make_explainer_id(
+            "llm", self.model_name, self.prompt_hash, {"max_tokens": max_tokens, "temperature": temperature}
+        )
+
+    def request(self, records: Sequence[ActivationRecord], n: int = 1) -> ChatRequest:
+        text = format_records(records, max_activation_of(records))
+        return ChatRequest(
+            messages=render_chat(self.template, records=text),
+            max_tokens=self.max_tokens,
+            temperature=self.temperature if n == 1 else max(self.temperature, 0.7),
+            n=n,
+        )
+
+    def explain(self, records: Sequence[ActivationRecord]) -> Explanation:
+        try:
+            response: ChatResponse = self.model.chat(self.request(records))
+        except Exception as exc:  # an API that keeps failing: recorded per neuron, the run goes on
+            return Explanation("", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        text = best_of(response.texts)
+        return Explanation(
+            text,
+            response.prompt_tokens,
+            response.completion_tokens,
+            error=None if text else f"unusable completion: {response.texts[0][:200]!r}" if response.texts else "no completion",
+        )

@@ -6,7 +6,18 @@ import json
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from neuron_pipeline.interp.prompts import content_hash
+import math
+import re
+
+import numpy as np
+
+from neuron_pipeline.interp.explainer import EXPLANATION_PREFIX, render_chat
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ValueDistributionModel
+from neuron_pipeline.interp.prompts import END_MARKER, MAX_VALUE, START_MARKER, content_hash, escape_token, load_template
+
+# What stands in a value slot in the all-at-once prompt: the model never sees other predictions.
+SLOT_FILLER = "unknown"
+VALUES = tuple(range(MAX_VALUE + 1))
 
 
 @dataclass(frozen=True)
@@ -25,3 +36,140 @@ class Simulator(Protocol):
 
 def make_simulator_id(kind: str, model_name: str, prompt_hash: str, params: dict) -> str:
     return f"{kind}-" + content_hash(model_name, prompt_hash, json.dumps(params, sort_keys=True, default=str))[:12]
+
+
+def excerpt_suffix(tokens: Sequence[str], filler: str = SLOT_FILLER) -> tuple[str, list[int]]:
+    """The excerpt as "token<TAB>filler" lines closing the prompt; returns the text and the
+    character offset of every value slot (where the filler starts)."""
+    parts: list[str] = []
+    slots: list[int] = []
+    offset = 0
+    for token in tokens:
+        line_head = escape_token(token) + "\t"
+        slots.append(offset + len(line_head))
+        line = line_head + filler + "\n"
+        parts.append(line)
+        offset += len(line)
+    parts.append(END_MARKER + "\n")
+    return "".join(parts), slots
+
+
+def expected_values(probabilities: np.ndarray) -> np.ndarray:
+    """sum(k * p(k)) over k = 0..10, with p renormalized over those eleven values."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    totals = probabilities.sum(axis=-1, keepdims=True)
+    normalized = np.divide(probabilities, totals, out=np.zeros_like(probabilities), where=totals > 0)
+    return normalized @ np.arange(probabilities.shape[-1], dtype=np.float64)
+
+
+_VALUE_LINE = re.compile(r"^(?P<token>.*)\t\s*(?P<value>-?\d+(?:\.\d+)?)\s*$")
+
+
+def parse_simulated_values(completion: str, n_tokens: int) -> tuple[list[float], int]:
+    """Values from "token<TAB>value" lines of a generated simulation, in order, clipped to 0..10.
+    Missing or unreadable lines count as 0. Returns (values, number of lines that parsed)."""
+    values: list[float] = []
+    parsed = 0
+    body = completion.split(START_MARKER, 1)[-1]
+    for line in body.splitlines():
+        if line.strip() == END_MARKER or len(values) == n_tokens:
+            break
+        match = _VALUE_LINE.match(line)
+        if match is None:
+            continue
+        values.append(min(float(MAX_VALUE), max(0.0, float(match["value"]))))
+        parsed += 1
+    values += [0.0] * (n_tokens - len(values))
+    return values, parsed
+
+
+def values_from_top_logprobs(completion_logprobs, n_tokens: int) -> list[float] | None:
+    """Expected values read at each generated value token: the first token after each tab.
+    None when the completion does not have one value token per excerpt token."""
+    expected: list[float] = []
+    after_tab = False
+    for token in completion_logprobs:
+        if after_tab:
+            after_tab = False
+            candidates = {**token.top, token.token: token.logprob}
+            probs = np.zeros(MAX_VALUE + 1)
+            for text, logprob in candidates.items():
+                key = text.strip()
+                if key.isdigit() and int(key) <= MAX_VALUE:
+                    probs[int(key)] += math.exp(logprob)
+            if probs.sum() == 0:
+                return None
+            expected.append(float(expected_values(probs)))
+        if token.token.endswith("\t"):
+            after_tab = True
+    return expected[:n_tokens] if len(expected) >= n_tokens else None
+
+
+class AllAtOnceSimulator:
+    """The paper's all-at-once simulator: one forward pass per excerpt gives the distribution over
+    0..10 at every value slot; the prediction is its expected value. Batching and prefix reuse are
+    the backend's business (see ``neuron_pipeline.llm.local``)."""
+
+    mode = "all_at_once_logprobs"
+
+    def __init__(self, model: ValueDistributionModel, template_name: str = "simulator_v1"):
+        self.model = model
+        self.template = load_template(template_name, required=("explanation",))
+        self.model_name = model.model_name
+        self.simulator_id = make_simulator_id("all_at_once", self.model_name, self.template.hash, {})
+
+    def prefix(self, explanation: str) -> str:
+        return self.template.render(explanation=explanation)
+
+    def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
+        suffixes, slots = zip(*(excerpt_suffix(tokens) for tokens in excerpts)) if excerpts else ((), ())
+        distributions = self.model.value_distributions(self.prefix(explanation), suffixes, slots)
+        return [
+            SequenceSimulation(tuple(tokens), tuple(float(v) for v in expected_values(d.probabilities)), self.mode)
+            for tokens, d in zip(excerpts, distributions)
+        ]
+
+
+class ChatSimulator:
+    """For chat-only APIs: the model writes "token<TAB>value" lines. With ``top_logprobs`` the
+    value is the expected value over the alternatives at each value token; otherwise (or when
+    they are unusable) the written integer is taken as is."""
+
+    def __init__(self, model: ChatModel, template_name: str = "simulator_v1", use_logprobs: bool = True):
+        self.model = model
+        self.template = load_template(template_name, required=("explanation",))
+        self.use_logprobs = use_logprobs
+        self.model_name = model.model_name
+        self.simulator_id = make_simulator_id(
+            "chat", self.model_name, self.template.hash, {"logprobs": use_logprobs}
+        )
+
+    def request(self, explanation: str, tokens: Sequence[str]) -> ChatRequest:
+        listing = "\n".join(escape_token(t) for t in tokens)
+        user = (
+            self.template.render(explanation=explanation)
+            + listing
+            + f"\n{END_MARKER}\n\nRewrite the {len(tokens)} lines of neuron C above, each as the token, a tab and "
+            "its activation (0-10), between <start> and <end>."
+        )
+        return ChatRequest(
+            messages=(("user", user),),
+            max_tokens=8 * len(tokens) + 16,
+            temperature=0.0,
+            top_logprobs=15 if self.use_logprobs else 0,
+        )
+
+    def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
+        results = []
+        for tokens in excerpts:
+            response = self.model.chat(self.request(explanation, tokens))
+            text = response.texts[0] if response.texts else ""
+            values = None
+            if self.use_logprobs and response.logprobs:
+                values = values_from_top_logprobs(response.logprobs[0], len(tokens))
+            mode = "chat_top_logprobs"
+            if values is None:
+                values, _ = parse_simulated_values(text, len(tokens))
+                mode = "chat_integers"
+            results.append(SequenceSimulation(tuple(tokens), tuple(values), mode))
+        return results

@@ -1,0 +1,64 @@
+"""What the method needs from an LLM, as two small protocols (implemented in ``neuron_pipeline.llm``).
+
+Keeping them here lets the explainer and simulator stay pure: they build prompts, call one of
+these, and parse what comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    max_tokens: int = 60
+    temperature: float = 0.0
+    n: int = 1  # completions wanted (best-of-n sampling)
+    top_logprobs: int = 0  # alternatives per generated token, 0 for none
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)  # alternative token -> logprob
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    texts: tuple[str, ...]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Per completion, per generated token; empty when the backend returned none.
+    logprobs: tuple[tuple[TokenLogprobs, ...], ...] = ()
+
+
+class ChatModel(Protocol):
+    model_name: str
+
+    def chat(self, request: ChatRequest) -> ChatResponse: ...
+
+
+@dataclass(frozen=True)
+class SlotDistributions:
+    """Probabilities of the values 0..10 at each value slot of one excerpt: [slots, 11]."""
+
+    probabilities: np.ndarray
+    prompt_tokens: int = 0
+
+
+class ValueDistributionModel(Protocol):
+    """A model that exposes next-token distributions inside a prompt (local weights, or a server
+    returning prompt logprobs). ``prefix`` is shared by all ``suffixes``; ``slots[i]`` are the
+    character offsets in ``suffixes[i]`` where a value would be written."""
+
+    model_name: str
+
+    def value_distributions(
+        self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]
+    ) -> list[SlotDistributions]: ...
