@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse, chat_all
 from neuron_pipeline.interp.prompts import (
     PromptTemplate,
     content_hash,
@@ -110,14 +110,20 @@ class LLMExplainer:
         )
 
     def explain(self, records: Sequence[ActivationRecord]) -> Explanation:
-        try:
-            response: ChatResponse = self.model.chat(self.request(records))
-        except Exception as exc:  # an API that keeps failing: recorded per neuron, the run goes on
-            return Explanation("", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
-        text = best_of(response.texts)
-        return Explanation(
-            text,
-            response.prompt_tokens,
-            response.completion_tokens,
-            error=None if text else f"unusable completion: {response.texts[0][:200]!r}" if response.texts else "no completion",
-        )
+        return self.explain_many([records])[0]
+
+    def explain_many(self, batches: Sequence[Sequence[ActivationRecord]]) -> list[Explanation]:
+        """Explain several neurons; requests go out concurrently when the backend allows."""
+        responses = chat_all(self.model, [self.request(records) for records in batches])
+        return [_to_explanation(response) for response in responses]
+
+
+def _to_explanation(response: ChatResponse | Exception) -> Explanation:
+    if isinstance(response, Exception):  # a call that kept failing: recorded per neuron, the run goes on
+        message = str(response).splitlines()[0][:300] if str(response) else ""
+        return Explanation("", error=f"{type(response).__name__}: {message}")
+    text = best_of(response.texts)
+    error = None
+    if not text:
+        error = f"unusable completion: {response.texts[0][:200]!r}" if response.texts else "no completion"
+    return Explanation(text, response.prompt_tokens, response.completion_tokens, error=error)

@@ -62,3 +62,18 @@ class ValueDistributionModel(Protocol):
     def value_distributions(
         self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]
     ) -> list[SlotDistributions]: ...
+
+
+def chat_all(model: ChatModel, requests: Sequence[ChatRequest]) -> list[ChatResponse | Exception]:
+    """Send many requests: concurrently when the backend can (``chat_many``), else one by one.
+    A failed request comes back as its exception, so one bad call never loses the others."""
+    chat_many = getattr(model, "chat_many", None)
+    if chat_many is not None:
+        return list(chat_many(requests))
+    results: list[ChatResponse | Exception] = []
+    for request in requests:
+        try:
+            results.append(model.chat(request))
+        except Exception as exc:  # noqa: BLE001 - reported per request by the caller
+            results.append(exc)
+    return results

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from neuron_pipeline.interp.explainer import EXPLANATION_PREFIX, render_chat
-from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ValueDistributionModel
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ValueDistributionModel, chat_all
 from neuron_pipeline.interp.prompts import END_MARKER, MAX_VALUE, START_MARKER, content_hash, escape_token, load_template
 
 # What stands in a value slot in the all-at-once prompt: the model never sees other predictions.
@@ -52,6 +52,27 @@ def excerpt_suffix(tokens: Sequence[str], filler: str = SLOT_FILLER) -> tuple[st
         offset += len(line)
     parts.append(END_MARKER + "\n")
     return "".join(parts), slots
+
+
+def refill_slots(suffix: str, slots: Sequence[int], filler: str) -> tuple[str, list[int]]:
+    """The same excerpt suffix with every slot's filler replaced by ``filler`` (offsets shift).
+
+    Used where a value takes two tokens (e.g. "1","0" for 10): a second pass with the first
+    token in every slot gives p(second token | first) at each slot."""
+    pieces: list[str] = []
+    new_slots: list[int] = []
+    cursor = 0
+    length = 0
+    for slot in slots:
+        end = suffix.index("\n", slot)
+        pieces.append(suffix[cursor:slot])
+        length += slot - cursor
+        new_slots.append(length)
+        pieces.append(filler)
+        length += len(filler)
+        cursor = end
+    pieces.append(suffix[cursor:])
+    return "".join(pieces), new_slots
 
 
 def expected_values(probabilities: np.ndarray) -> np.ndarray:
@@ -161,8 +182,10 @@ class ChatSimulator:
 
     def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
         results = []
-        for tokens in excerpts:
-            response = self.model.chat(self.request(explanation, tokens))
+        responses = chat_all(self.model, [self.request(explanation, tokens) for tokens in excerpts])
+        for tokens, response in zip(excerpts, responses):
+            if isinstance(response, Exception):
+                raise response
             text = response.texts[0] if response.texts else ""
             values = None
             if self.use_logprobs and response.logprobs:

@@ -18,6 +18,7 @@ import torch
 
 from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
 from neuron_pipeline.interp.prompts import MAX_VALUE
+from neuron_pipeline.interp.simulator import refill_slots
 from neuron_pipeline.subject.loading import SubjectLoadError, resolve_device, resolve_model_path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,19 +204,6 @@ class LocalLLM:
             probs[:, v.split_long] = shared * ratio
         return probs.cpu().numpy()
 
-    @staticmethod
-    def _refill(suffix: str, slots: Sequence[int], filler: str) -> tuple[str, list[int]]:
-        """The same suffix with every slot's filler replaced (slot offsets shift accordingly)."""
-        pieces, new_slots, cursor = [], [], 0
-        for slot in slots:
-            end = suffix.index("\n", slot)
-            pieces.append(suffix[cursor:slot])
-            new_slots.append(sum(len(p) for p in pieces))
-            pieces.append(filler)
-            cursor = end
-        pieces.append(suffix[cursor:])
-        return "".join(pieces), new_slots
-
     @torch.inference_mode()
     def value_distributions(self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]) -> list[SlotDistributions]:
         if not suffixes:
@@ -225,7 +213,7 @@ class LocalLLM:
         slot_logprobs = self._slot_logits(prefix_ids, [e[0] for e in encoded], [[i - 1 for i in e[1]] for e in encoded])
         split = [None] * len(suffixes)
         if self.values.split_first is not None:
-            refilled = [self._refill(s, sl, self.values.split_text) for s, sl in zip(suffixes, slots)]
+            refilled = [refill_slots(s, sl, self.values.split_text) for s, sl in zip(suffixes, slots)]
             encoded2 = [self._encode_suffix(s, sl) for s, sl in refilled]
             split = self._slot_logits(prefix_ids, [e[0] for e in encoded2], [e[1] for e in encoded2])
         return [
@@ -250,7 +238,7 @@ class LocalLLM:
             slot_lp = logprobs_after(suffix, suffix_slots, -1)
             split_lp = None
             if self.values.split_first is not None:
-                refilled, new_slots = self._refill(suffix, suffix_slots, self.values.split_text)
+                refilled, new_slots = refill_slots(suffix, suffix_slots, self.values.split_text)
                 split_lp = logprobs_after(refilled, new_slots, 0)
             results.append(SlotDistributions(self._distributions(slot_lp, split_lp)))
         return results

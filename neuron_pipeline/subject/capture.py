@@ -128,16 +128,22 @@ class NonFiniteActivationsError(ValueError):
 
 
 class LayerAccumulator:
-    """Bounded-memory per-layer state updated batch by batch (all on the model's device)."""
+    """Bounded-memory per-layer state updated batch by batch (all on the model's device).
+
+    The float64 running mean and variance live on the CPU when the device is Apple's MPS,
+    which has no float64.
+    """
 
     def __init__(self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device):
+        device = torch.device(device)
         self.layer = layer
         self.neurons = neurons.to(device)
         self.records = records
         n = len(neurons)
         self.count = 0
-        self.mean = torch.zeros(n, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(n, dtype=torch.float64, device=device)
+        self.stats_device = torch.device("cpu") if device.type == "mps" else device
+        self.mean = torch.zeros(n, dtype=torch.float64, device=self.stats_device)
+        self.m2 = torch.zeros(n, dtype=torch.float64, device=self.stats_device)
         self.max = torch.full((n,), -torch.inf, device=device)
         self.min = torch.full((n,), torch.inf, device=device)
         self.positive = torch.zeros(n, dtype=torch.int64, device=device)
@@ -177,8 +183,9 @@ class LayerAccumulator:
         flat = activations.reshape(batch * seq_len, -1)
         # Chan et al.'s parallel merge of mean and sum of squared deviations.
         batch_count = flat.shape[0]
-        batch_mean = flat.mean(0, dtype=torch.float64)
-        batch_m2 = ((flat.to(torch.float64) - batch_mean) ** 2).sum(0)
+        flat64 = flat.to(self.stats_device).to(torch.float64)
+        batch_mean = flat64.mean(0)
+        batch_m2 = ((flat64 - batch_mean) ** 2).sum(0)
         total = self.count + batch_count
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * (batch_count / total)
@@ -225,8 +232,8 @@ class LayerAccumulator:
             maxima = self.quantile_sample.payloads["max_activation"]
             filled = int((~torch.isnan(maxima[:, 0])).sum().item())
             if filled:
-                qs = torch.linspace(0, 1, bins + 1, device=maxima.device)[1:-1]
-                boundaries = torch.quantile(maxima[:filled].double(), qs.double(), dim=0).float().cpu().numpy()
+                qs = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
+                boundaries = torch.quantile(maxima[:filled].cpu().double(), qs, dim=0).float().numpy()
             samples["quantile"] = _pick_quantile_records(
                 _numpy(self.quantile_candidates.payloads), boundaries, self.records.per_quantile_bin
             )
@@ -238,7 +245,7 @@ class LayerAccumulator:
             variance=variance.cpu().numpy(),
             max=self.max.cpu().numpy(),
             min=self.min.cpu().numpy(),
-            frac_positive=(self.positive.double() / self.count).cpu().numpy(),
+            frac_positive=self.positive.cpu().double().numpy() / self.count,
             quantile_boundaries=boundaries,
             samples=samples,
         )
@@ -295,9 +302,14 @@ def capture_layers(
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, LayerCapture]:
     """One forward pass over ``token_ids`` [S, T] feeding every requested layer's accumulator."""
-    layers = sorted(set(layers))
+    layers = sorted({int(layer) for layer in layers})
+    neurons = [int(n) for n in neurons]  # also accepts numpy arrays and tuples
     if len(token_ids) == 0:
         raise ValueError("the corpus has no sequences: check corpus.source")
+    if not layers or layers[0] < 0 or layers[-1] >= subject.num_layers:
+        raise ValueError(f"layers {layers} must be a non-empty selection of 0-{subject.num_layers - 1}")
+    if not neurons or min(neurons) < 0 or max(neurons) >= subject.num_neurons:
+        raise ValueError(f"neurons must be a non-empty selection of 0-{subject.num_neurons - 1}")
     device = subject.device
     neuron_index = torch.tensor(neurons, dtype=torch.long, device=device)
     take_all = len(neurons) == subject.num_neurons and neurons == list(range(subject.num_neurons))
