@@ -134,6 +134,11 @@ def _print_summary(settings, layers: list[int]) -> None:
     console.print(table)
     console.print(f"lake:   {settings.lake_path}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_path}")
+    from neuron_pipeline.viewer import default_viewer_dir
+
+    viewer_index = default_viewer_dir(settings.lake_path) / "index.html"
+    if viewer_index.is_file():
+        console.print(f"viewer: {viewer_index}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -207,6 +212,25 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viewer(args: argparse.Namespace) -> int:
+    """Write the static HTML viewer for everything in the lake."""
+    from neuron_pipeline.lake import SCHEMAS, table_exists
+    from neuron_pipeline.viewer import build_viewer, default_viewer_dir
+
+    settings = _settings(args)
+    lake = settings.lake_path
+    if not any(table_exists(lake, table) for table in SCHEMAS):
+        raise UserError(f"no lake tables in {lake}: run `neuron-pipeline run` first, or point --lake at a lake")
+    out = Path(args.out).expanduser().resolve() if args.out else default_viewer_dir(lake)
+    try:
+        summary = build_viewer(lake, out)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot write the viewer to {out}: {exc}") from None
+    print(f"wrote {summary.pages} pages ({summary.layers} layers, {summary.neurons} neurons) to {summary.out_dir}")
+    print(f"viewer: {summary.index}")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Set-up: convert the bundled model and fetch the offline corpus into the cache."""
     from neuron_pipeline.corpus import fetch_janeausten
@@ -248,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--out", help="write the result to a .csv or .parquet file")
     query.add_argument("--limit", type=int, default=50, help="rows to print")
     query.set_defaults(func=cmd_query)
+
+    viewer = sub.add_parser("viewer", help="write the static HTML neuron viewer for the lake")
+    _common(viewer)
+    viewer.add_argument("--out", help="output folder (default: a `viewer` folder next to the lake)")
+    viewer.set_defaults(func=cmd_viewer)
 
     fetch = sub.add_parser("fetch", help="prepare the offline default model and corpus")
     fetch.add_argument("--model", default="smollm2-135m-instruct")

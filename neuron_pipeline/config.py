@@ -93,13 +93,46 @@ class RecordsSettings(_Section):
 Backend = Literal["baseline", "local", "openai"]
 
 
-class ExplainerSettings(_Section):
+class _LLMSettings(_Section):
+    """Where an explainer or simulator runs."""
+
     backend: Backend = "baseline"
-    # Model for the local (transformers) or OpenAI-compatible backend; ignored by the baseline.
+    # Local backend: a bundled alias, hub id, folder or .gguf (default: the bundled SmolLM2).
+    # OpenAI-compatible backend: the served model name.
     model: str | None = None
-    base_url: str | None = None
-    # The API key is read from this environment variable at call time, never stored.
+    base_url: str | None = None  # OpenAI-compatible server; None means api.openai.com
+    # The API key is read from this environment variable, never stored anywhere.
     api_key_env: str = "OPENAI_API_KEY"
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(8, ge=1, description="excerpts per forward pass (local simulator)")
+    concurrency: int = Field(8, ge=1, description="API requests in flight")
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    budget_tokens: int | None = Field(None, ge=1, description="stop calling the API past this many tokens")
+    budget_usd: float | None = Field(None, gt=0)
+    usd_per_million_prompt: float = Field(0.0, ge=0)
+    usd_per_million_completion: float = Field(0.0, ge=0)
+    # Where this backend runs, within the run's layers and neurons (LLMs are slow: a subset).
+    layers: str = "all"
+    neurons: str = "all"
+
+    @property
+    def model_or_default(self) -> str:
+        if self.model:
+            return self.model
+        if self.backend == "local":
+            return "smollm2-135m-instruct"
+        raise ValueError(f"{self.backend} backend needs a model name")
+
+    @model_validator(mode="after")
+    def _api_needs_model(self):
+        if self.backend == "openai" and not self.model:
+            raise ValueError("the openai backend needs `model` (the served model name)")
+        return self
+
+
+class ExplainerSettings(_LLMSettings):
     prompt: str = "explainer_v1"
     max_tokens: int = Field(60, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -107,12 +140,9 @@ class ExplainerSettings(_Section):
     baseline_tokens: int = Field(8, ge=1, le=50)
 
 
-class SimulatorSettings(_Section):
-    backend: Backend = "baseline"
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+class SimulatorSettings(_LLMSettings):
     prompt: str = "simulator_v1"
+    # all-at-once from prompt logprobs (local, vLLM) | chat top_logprobs | generated integers
     mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
 
 

@@ -12,7 +12,7 @@ from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
-from neuron_pipeline.config import RecordsSettings
+from neuron_pipeline.config import RecordsSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
@@ -31,6 +31,19 @@ def records_fingerprint(records) -> str:
     return content_hash(*(f"{r.sequence_id}:{r.tokens}:{r.activations}" for r in records))
 
 
+# Neurons explained per request batch: bounded memory, and a crash loses at most one chunk
+# of work that is not in the LLM cache yet (cached calls are never paid twice).
+EXPLAIN_CHUNK = 64
+
+
+def select_subset(spec: str, candidates: list[int]) -> list[int]:
+    """The candidates named by an "all" / "0-3" / "1,5" spec (indices not captured are ignored)."""
+    if str(spec).strip().lower() in ("", "all"):
+        return list(candidates)
+    chosen = set(parse_index_spec(spec, max(candidates, default=0) + 1 if candidates else 1, "index")) if candidates else set()
+    return [c for c in candidates if c in chosen]
+
+
 def explain_layer(
     explainer: Explainer,
     records_by_neuron: dict[int, NeuronRecord],
@@ -40,14 +53,14 @@ def explain_layer(
     layer: int,
 ) -> tuple[pl.DataFrame, int]:
     """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
-    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new calls made)."""
+    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations)."""
     done = {
         (row["neuron"], row["records_hash"]): row
         for row in existing.iter_rows(named=True)
         if row["error"] is None
     }
-    rows, calls = [], 0
-    for neuron in tqdm(sorted(records_by_neuron), desc=f"explain layer {layer}", unit="neuron", disable=None):
+    rows, todo = [], []
+    for neuron in sorted(records_by_neuron):
         splits = split_records(
             records_by_neuron[neuron],
             records_settings.explain_top,
@@ -57,26 +70,31 @@ def explain_layer(
         fingerprint = records_fingerprint(splits.explain)
         if (neuron, fingerprint) in done:
             rows.append(done[(neuron, fingerprint)])
-            continue
-        result = explainer.explain(splits.explain)
-        calls += 1
-        rows.append(
-            {
-                "model": model_id,
-                "layer": str(layer),
-                "neuron": neuron,
-                "explainer_id": explainer.explainer_id,
-                "explainer_model": explainer.model_name,
-                "prompt_hash": explainer.prompt_hash,
-                "explanation": result.text,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "error": result.error,
-                "records_hash": fingerprint,
-                "created_at": datetime.now(timezone.utc),
-            }
-        )
-    return table_frame("explanations", rows), calls
+        else:
+            todo.append((neuron, fingerprint, splits.explain))
+    explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
+    with tqdm(total=len(todo), desc=f"explain layer {layer}", unit="neuron", disable=None) as bar:
+        for start in range(0, len(todo), EXPLAIN_CHUNK):
+            chunk = todo[start : start + EXPLAIN_CHUNK]
+            for (neuron, fingerprint, _), result in zip(chunk, explain_many([records for _, _, records in chunk])):
+                rows.append(
+                    {
+                        "model": model_id,
+                        "layer": str(layer),
+                        "neuron": neuron,
+                        "explainer_id": explainer.explainer_id,
+                        "explainer_model": explainer.model_name,
+                        "prompt_hash": explainer.prompt_hash,
+                        "explanation": result.text,
+                        "prompt_tokens": result.prompt_tokens,
+                        "completion_tokens": result.completion_tokens,
+                        "error": result.error,
+                        "records_hash": fingerprint,
+                        "created_at": datetime.now(timezone.utc),
+                    }
+                )
+            bar.update(len(chunk))
+    return table_frame("explanations", sorted(rows, key=lambda r: r["neuron"])), len(todo)
 
 
 def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -109,24 +127,33 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
             raise ValueError(f"no activation_records for layers {missing}: materialize activation_records first")
         model_id = read_table(lake, "activation_records", where={"layer": run_layers}, columns=["model"])["model"][0]
         frames = {}
-        for explainer in llm.explainers():
+        for explainer_settings, explainer in llm.explainers():
             per_layer = []
-            for layer in layers:
+            explainer_layers = select_subset(explainer_settings.layers, layers)
+            for layer in explainer_layers:
+                layer_records = records[layer]
+                wanted = select_subset(explainer_settings.neurons, sorted(layer_records))
                 where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
                 existing = read_table(lake, "explanations", where=where)
-                frame, calls = explain_layer(explainer, records[layer], existing, settings.records, model_id, layer)
+                frame, calls = explain_layer(
+                    explainer, {n: layer_records[n] for n in wanted}, existing, settings.records, model_id, layer
+                )
                 per_layer.append(frame)
                 totals["new_calls"] += calls
                 context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations, {calls} new")
-            frames[explainer.explainer_id] = pl.concat(per_layer)
-        combined = pl.concat(list(frames.values()))
+            if per_layer:
+                frames[explainer.explainer_id] = (pl.concat(per_layer), [str(layer) for layer in explainer_layers])
+        combined = pl.concat([frame for frame, _ in frames.values()])
         report = yield from gate("explanations", combined, QualityParams.from_settings(settings))
-        for explainer_id, frame in frames.items():
-            write_table(lake, "explanations", frame, replace_where={"layer": run_layers, "explainer_id": explainer_id})
+        for explainer_id, (frame, explainer_layers) in frames.items():
+            write_table(
+                lake, "explanations", frame, replace_where={"layer": explainer_layers, "explainer_id": explainer_id}
+            )
         totals["explained"] = combined.height
         totals["errors"] = int(combined["error"].is_not_null().sum())
         totals["prompt_tokens"] = int(combined["prompt_tokens"].sum() or 0)
         totals["completion_tokens"] = int(combined["completion_tokens"].sum() or 0)
+        totals.update(llm.usage())
         yield dg.MaterializeResult(
             check_results=[check_result(report)],
             metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))},

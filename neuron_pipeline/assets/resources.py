@@ -6,10 +6,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from neuron_pipeline.config import Settings
+from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings
 from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.simulator import Simulator
-from neuron_pipeline.llm import make_explainer, make_simulator
+from neuron_pipeline.llm import LLMCache, make_explainer, make_simulator
 from neuron_pipeline.subject import Subject, load_subject
 
 
@@ -59,12 +59,38 @@ class SubjectModelResource(dg.ConfigurableResource):
 
 
 class LLMResource(dg.ConfigurableResource):
-    """Builds the configured explainers and simulators (baseline, local model, or API)."""
+    """Builds the configured explainers and simulators (baseline, local model, or API), with
+    every LLM call going through the persistent cache next to the lake."""
 
     pipeline: PipelineSettingsResource
+    _explainers: list | None = PrivateAttr(default=None)
+    _simulators: list | None = PrivateAttr(default=None)
+    _cache: LLMCache | None = PrivateAttr(default=None)
 
-    def explainers(self) -> list[Explainer]:
-        return [make_explainer(e) for e in self.pipeline.settings.explainers]
+    @property
+    def cache(self) -> LLMCache:
+        if self._cache is None:
+            self._cache = LLMCache(self.pipeline.lake / "_llm_cache" / "calls.sqlite")
+        return self._cache
 
-    def simulators(self) -> list[Simulator]:
-        return [make_simulator(s) for s in self.pipeline.settings.simulators]
+    def explainers(self) -> list[tuple[ExplainerSettings, Explainer]]:
+        if self._explainers is None:
+            self._explainers = [(e, make_explainer(e, self.cache)) for e in self.pipeline.settings.explainers]
+        return self._explainers
+
+    def simulators(self) -> list[tuple[SimulatorSettings, Simulator]]:
+        if self._simulators is None:
+            self._simulators = [(s, make_simulator(s, self.cache)) for s in self.pipeline.settings.simulators]
+        return self._simulators
+
+    def usage(self) -> dict[str, int]:
+        """New (paid) tokens this run and cache statistics, for materialization metadata."""
+        objects = [obj for _, obj in (self._explainers or []) + (self._simulators or [])]
+        models = [getattr(obj, "model", None) for obj in objects]
+        usage = {
+            "new_prompt_tokens": sum(getattr(m, "new_prompt_tokens", 0) for m in models),
+            "new_completion_tokens": sum(getattr(m, "new_completion_tokens", 0) for m in models),
+        }
+        if self._cache is not None:
+            usage.update(self._cache.stats())
+        return usage

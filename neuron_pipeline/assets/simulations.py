@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 import dagster as dg
 
-from neuron_pipeline.assets.explanations import load_neuron_records
+from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
@@ -24,13 +24,13 @@ def simulate_layer(
     records_by_neuron: dict[int, NeuronRecord],
     existing: pl.DataFrame,
     records_settings: RecordsSettings,
-) -> tuple[pl.DataFrame, int]:
+) -> tuple[pl.DataFrame, int, list[tuple[int, str]]]:
     """Simulations of the scored top and random excerpts for one explainer id and simulator.
     Rows whose (explanation, excerpts) fingerprint is unchanged are kept, not recomputed."""
     kept = {}
     for row in existing.iter_rows(named=True):
         kept.setdefault((row["neuron"], row["input_hash"]), []).append(row)
-    rows, calls = [], 0
+    rows, calls, failed = [], 0, []
     for explanation in tqdm(
         explanations.sort("neuron").iter_rows(named=True),
         total=explanations.height,
@@ -51,7 +51,11 @@ def simulate_layer(
         if (neuron, input_hash) in kept:
             rows.extend(kept[(neuron, input_hash)])
             continue
-        simulated = simulator.simulate(explanation["explanation"], [r.tokens for _, _, r in scored])
+        try:
+            simulated = simulator.simulate(explanation["explanation"], [r.tokens for _, _, r in scored])
+        except Exception as exc:  # noqa: BLE001 - one neuron's failed calls must not stop the layer
+            failed.append((neuron, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            continue
         calls += 1
         for (kind, rank, record), simulation in zip(scored, simulated):
             rows.append(
@@ -71,7 +75,7 @@ def simulate_layer(
                     "input_hash": input_hash,
                 }
             )
-    return table_frame("simulations", rows), calls
+    return table_frame("simulations", rows), calls, failed
 
 
 def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -96,32 +100,44 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     ):
         settings, lake = pipeline.settings, pipeline.lake
         layers = layers_of(context)
-        explainer_ids = [e.explainer_id for e in llm.explainers()]
+        explainer_ids = [explainer.explainer_id for _, explainer in llm.explainers()]
         records = {layer: load_neuron_records(lake, layer) for layer in layers}
-        run_layers = [str(layer) for layer in layers]
         total_calls = 0
         frames = {}
+        failures = 0
         for explainer_id in explainer_ids:
-            for simulator in llm.simulators():
+            for simulator_settings, simulator in llm.simulators():
                 per_layer = []
-                for layer in layers:
+                simulator_layers = select_subset(simulator_settings.layers, layers)
+                for layer in simulator_layers:
                     layer_explanations = read_table(
                         lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id}
                     )
+                    wanted = select_subset(simulator_settings.neurons, sorted(records[layer]))
+                    layer_explanations = layer_explanations.filter(pl.col("neuron").is_in(wanted))
                     where = {"layer": str(layer), "explainer_id": explainer_id, "simulator_id": simulator.simulator_id}
                     existing = read_table(lake, "simulations", where=where)
-                    frame, calls = simulate_layer(simulator, layer_explanations, records[layer], existing, settings.records)
+                    frame, calls, failed = simulate_layer(
+                        simulator, layer_explanations, records[layer], existing, settings.records
+                    )
+                    for neuron, error in failed:
+                        context.log.warning(f"layer {layer} neuron {neuron}: simulation failed: {error}")
                     per_layer.append(frame)
                     total_calls += calls
-                frames[(explainer_id, simulator.simulator_id)] = pl.concat(per_layer)
-        combined = pl.concat(list(frames.values()))
+                    failures += len(failed)
+                if per_layer:
+                    frames[(explainer_id, simulator.simulator_id)] = (
+                        pl.concat(per_layer),
+                        [str(layer) for layer in simulator_layers],
+                    )
+        combined = pl.concat([frame for frame, _ in frames.values()])
         report = yield from gate("simulations", combined, QualityParams.from_settings(settings))
-        for (explainer_id, simulator_id), frame in frames.items():
+        for (explainer_id, simulator_id), (frame, simulator_layers) in frames.items():
             write_table(
                 lake,
                 "simulations",
                 frame,
-                replace_where={"layer": run_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
+                replace_where={"layer": simulator_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
             )
         total_rows = combined.height
         yield dg.MaterializeResult(
@@ -129,6 +145,8 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
             metadata={
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,
+                "failed_simulations": failures,
+                **llm.usage(),
                 "path": dg.MetadataValue.path(str(table_path(lake, "simulations"))),
             },
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -70,6 +71,10 @@ def parse_explanation(completion: str) -> str:
         if index != -1 and index < 20:
             text = text[index + len(prefix) :].strip()
             break
+    # One phrase: small models run on past the first sentence.
+    sentence_end = re.search(r"[.!?](\s|$)", text)
+    if sentence_end:
+        text = text[: sentence_end.start()]
     for _ in range(2):  # quotes and a final period, in either order
         text = text.strip().strip("\"'`").strip()
         if text.endswith(".") and not text.endswith("..."):
@@ -107,6 +112,7 @@ class LLMExplainer:
             max_tokens=self.max_tokens,
             temperature=self.temperature if n == 1 else max(self.temperature, 0.7),
             n=n,
+            stop=("\n",),
         )
 
     def explain(self, records: Sequence[ActivationRecord]) -> Explanation:

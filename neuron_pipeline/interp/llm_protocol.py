@@ -20,6 +20,7 @@ class ChatRequest:
     n: int = 1  # completions wanted (best-of-n sampling)
     top_logprobs: int = 0  # alternatives per generated token, 0 for none
     seed: int = 0
+    stop: tuple[str, ...] = ()  # generation ends at any of these strings
 
 
 @dataclass(frozen=True)

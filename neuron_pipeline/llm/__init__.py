@@ -1,24 +1,64 @@
 """LLM backends behind the explainer and simulator interfaces of ``interp``.
 
 ``make_explainer`` / ``make_simulator`` turn a settings section into an object with the
-``Explainer`` / ``Simulator`` interface. The baseline needs no LLM.
+``Explainer`` / ``Simulator`` interface: the no-LLM baseline, a local transformers model, or
+any OpenAI-compatible API. LLM calls go through the persistent cache when one is given.
 """
 
 from __future__ import annotations
 
-from neuron_pipeline.config import ConfigError, ExplainerSettings, SimulatorSettings
+from neuron_pipeline.config import ExplainerSettings, SimulatorSettings
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
-from neuron_pipeline.interp.explainer import Explainer
-from neuron_pipeline.interp.simulator import Simulator
+from neuron_pipeline.interp.explainer import Explainer, LLMExplainer
+from neuron_pipeline.interp.simulator import AllAtOnceSimulator, ChatSimulator, Simulator
+from neuron_pipeline.llm.cache import CachedChatModel, CachedValueModel, LLMCache
 
 
-def make_explainer(settings: ExplainerSettings) -> Explainer:
+def make_backend(settings: ExplainerSettings | SimulatorSettings):
+    """The raw model client for an LLM backend (loaded / connected once per process)."""
+    if settings.backend == "local":
+        from neuron_pipeline.llm.local import LocalLLM
+
+        return LocalLLM(settings.model_or_default, settings.device, settings.dtype, settings.batch_size)
+    if settings.backend == "openai":
+        from neuron_pipeline.llm.openai_api import OpenAICompatible
+
+        return OpenAICompatible(
+            settings.model_or_default,
+            base_url=settings.base_url,
+            api_key_env=settings.api_key_env,
+            concurrency=settings.concurrency,
+            max_retries=settings.max_retries,
+            timeout_s=settings.timeout_s,
+            budget_tokens=settings.budget_tokens,
+            budget_usd=settings.budget_usd,
+            usd_per_million_prompt=settings.usd_per_million_prompt,
+            usd_per_million_completion=settings.usd_per_million_completion,
+        )
+    raise ValueError(f"backend {settings.backend!r} has no LLM client")
+
+
+def make_explainer(settings: ExplainerSettings, cache: LLMCache | None = None) -> Explainer:
     if settings.backend == "baseline":
         return BaselineExplainer(max_tokens=settings.baseline_tokens)
-    raise ConfigError(f"explainer backend {settings.backend!r} is not available in this build: use 'baseline'")
+    backend = make_backend(settings)
+    chat_model = CachedChatModel(backend, cache) if cache is not None else backend
+    return LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
 
 
-def make_simulator(settings: SimulatorSettings) -> Simulator:
+def make_simulator(settings: SimulatorSettings, cache: LLMCache | None = None) -> Simulator:
     if settings.backend == "baseline":
         return BaselineSimulator()
-    raise ConfigError(f"simulator backend {settings.backend!r} is not available in this build: use 'baseline'")
+    backend = make_backend(settings)
+    mode = settings.mode
+    if mode == "auto":
+        supports = getattr(backend, "supports_prompt_logprobs", None)
+        mode = "prompt_logprobs" if supports is None or supports() else "top_logprobs"
+    if mode == "prompt_logprobs":
+        value_model = CachedValueModel(backend, cache) if cache is not None else backend
+        return AllAtOnceSimulator(value_model, settings.prompt)
+    chat_model = CachedChatModel(backend, cache) if cache is not None else backend
+    return ChatSimulator(chat_model, settings.prompt, use_logprobs=mode == "top_logprobs")
+
+
+__all__ = ["LLMCache", "make_backend", "make_explainer", "make_simulator"]

@@ -106,7 +106,15 @@ class LocalLLM:
     @torch.inference_mode()
     def chat(self, request: ChatRequest) -> ChatResponse:
         messages = [{"role": role, "content": content} for role, content in request.messages]
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        # A final assistant message is a prefill: the model continues it (e.g. "... is find").
+        prefill = messages[-1]["role"] == "assistant"
+        prompt = self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=not prefill,
+            continue_final_message=prefill,
+            return_tensors="pt",
+            return_dict=True,
+        )
         input_ids = prompt["input_ids"].to(self.device)
         sample = request.temperature > 0 or request.n > 1
         torch.manual_seed(request.seed)
@@ -120,6 +128,10 @@ class LocalLLM:
             top_k=None,
             num_return_sequences=request.n,
             pad_token_id=self.pad_id,
+            # Explanations and simulations are line-based; small models loop without these.
+            repetition_penalty=1.2,
+            stop_strings=request.stop or None,
+            tokenizer=self.tokenizer,
             output_scores=request.top_logprobs > 0,
             return_dict_in_generate=True,
         )

@@ -1,0 +1,158 @@
+"""A persistent, content-addressed cache of LLM calls.
+
+Every response is stored under sha256(model, kind, request) the moment it arrives, in SQLite
+(WAL, safe for several processes). A re-run after a crash or a config change pays only for
+requests it has never made; a result already paid for is never lost. Requests hold no secrets
+(API keys live in the environment), so neither do cache files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from neuron_pipeline.interp.llm_protocol import (
+    ChatRequest,
+    ChatResponse,
+    SlotDistributions,
+    TokenLogprobs,
+    chat_all,
+)
+
+
+class LLMCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, model TEXT, kind TEXT, response TEXT, created REAL)"
+        )
+        self._db.commit()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model: str, kind: str, payload) -> str:
+        text = json.dumps([model, kind, payload], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT response FROM calls WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, model: str, kind: str, response: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?)", (key, model, kind, response, time.time())
+            )
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM calls").fetchone()[0]
+
+    def stats(self) -> dict[str, int]:
+        return {"cache_hits": self.hits, "cache_misses": self.misses, "cache_entries": len(self)}
+
+
+def _response_to_json(response: ChatResponse) -> str:
+    return json.dumps(dataclasses.asdict(response))
+
+
+def _response_from_json(text: str) -> ChatResponse:
+    data = json.loads(text)
+    logprobs = tuple(tuple(TokenLogprobs(**step) for step in completion) for completion in data["logprobs"])
+    return ChatResponse(tuple(data["texts"]), data["prompt_tokens"], data["completion_tokens"], logprobs)
+
+
+class CachedChatModel:
+    """A ChatModel whose calls go through the cache; only misses reach the backend.
+
+    ``new_prompt_tokens`` / ``new_completion_tokens`` count what this process actually paid."""
+
+    def __init__(self, model, cache: LLMCache):
+        self.model = model
+        self.cache = cache
+        self.model_name = model.model_name
+        self.new_prompt_tokens = 0
+        self.new_completion_tokens = 0
+
+    def _key(self, request: ChatRequest) -> str:
+        return self.cache.key(self.model_name, "chat", dataclasses.asdict(request))
+
+    def chat(self, request: ChatRequest) -> ChatResponse:
+        result = self.chat_many([request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | Exception]:
+        keys = [self._key(r) for r in requests]
+        results: list[ChatResponse | Exception | None] = []
+        missing = []
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.hits += 1
+                results.append(_response_from_json(hit))
+            else:
+                self.cache.misses += 1
+                results.append(None)
+                missing.append(i)
+        if missing:
+            fresh = chat_all(self.model, [requests[i] for i in missing])
+            for i, response in zip(missing, fresh):
+                results[i] = response
+                if not isinstance(response, Exception):
+                    self.cache.put(keys[i], self.model_name, "chat", _response_to_json(response))
+                    self.new_prompt_tokens += response.prompt_tokens
+                    self.new_completion_tokens += response.completion_tokens
+        return results  # type: ignore[return-value]
+
+
+class CachedValueModel:
+    """A ValueDistributionModel cached per excerpt: a batch sends only the excerpts not seen before."""
+
+    def __init__(self, model, cache: LLMCache):
+        self.model = model
+        self.cache = cache
+        self.model_name = model.model_name
+        self.new_prompt_tokens = 0
+
+    def value_distributions(self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]) -> list[SlotDistributions]:
+        keys = [
+            self.cache.key(self.model_name, "value_distributions", [prefix, suffix, list(s)])
+            for suffix, s in zip(suffixes, slots)
+        ]
+        results: list[SlotDistributions | None] = []
+        missing = []
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.hits += 1
+                data = json.loads(hit)
+                results.append(SlotDistributions(np.asarray(data["probabilities"], dtype=np.float64), data["prompt_tokens"]))
+            else:
+                self.cache.misses += 1
+                results.append(None)
+                missing.append(i)
+        if missing:
+            fresh = self.model.value_distributions(prefix, [suffixes[i] for i in missing], [slots[i] for i in missing])
+            for i, distribution in zip(missing, fresh):
+                results[i] = distribution
+                self.new_prompt_tokens += distribution.prompt_tokens
+                payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
+                self.cache.put(keys[i], self.model_name, "value_distributions", json.dumps(payload))
+        return results  # type: ignore[return-value]
