@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup fetch demo test dev bench clean
+.PHONY: setup fetch browser demo test dev bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,11 @@ fetch: setup $(DAGSTER_HOME)/dagster.yaml
 demo: fetch
 	$(BIN)/neuron-pipeline run --profile demo
 
-test: fetch
+# Headless Chromium for the viewer's browser tests (Debian package; needs root, as on CI).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core)
+
+test: fetch browser
 	$(BIN)/pytest -q -p no:cacheprovider
 
 dev: fetch

@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     defs = build_definitions(settings)
     assets = list(defs.assets or [])
     corpus_key = dg.AssetKey("corpus_tokens")
-    layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key != corpus_key]
+    viewer_key = dg.AssetKey("neuron_viewer")
+    layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key not in (corpus_key, viewer_key)]
     # Failures are reported by main() as one line; Dagster's own step logs only with --verbose.
     log_level = "INFO" if args.verbose else "CRITICAL"
     common = dict(
@@ -101,6 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 },
                 **common,
             )
+        dg.materialize(assets, selection=[viewer_key], **common)  # once, after every range
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
     _print_summary(settings, layers)
@@ -117,7 +119,16 @@ def _print_summary(settings, layers: list[int]) -> None:
     summary = read_table(settings.lake_path, "layer_summary", where={"layer": [str(layer) for layer in layers]})
     console = Console(width=max(Console().width, 150))
     table = Table(title=f"neuron-pipeline summary: {summary['model'][0] if summary.height else ''}")
-    for column in ("layer", "explainer", "simulator", "neurons explained", "mean score", "best neuron", "explanation"):
+    for column in (
+        "layer",
+        "explainer",
+        "simulator",
+        "neurons explained",
+        "mean score",
+        "baseline on same neurons",
+        "best neuron",
+        "explanation",
+    ):
         table.add_column(column)
     for row in summary.with_columns(pl.col("layer").cast(pl.Int64)).sort("layer", "explainer_id").iter_rows(named=True):
         mean = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}"
@@ -128,6 +139,7 @@ def _print_summary(settings, layers: list[int]) -> None:
             row["simulator_id"],
             str(row["neurons_scored"] + row["neurons_null"]),
             mean,
+            "n/a" if row["baseline_mean_score"] is None else f"{row['baseline_mean_score']:.3f}",
             best,
             (row["best_explanation"] or "")[:60],
         )

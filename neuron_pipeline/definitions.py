@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from neuron_pipeline.assets import capture, corpus, explanations, scores, simulations, summary
+from neuron_pipeline.assets import capture, corpus, explanations, scores, simulations, summary, viewer
 from neuron_pipeline.assets.partitions import layer_partitions
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import Settings, load_settings
@@ -27,7 +27,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     ]
     pipeline = PipelineSettingsResource.from_settings(settings)
     return dg.Definitions(
-        assets=[corpus.corpus_tokens, *layer_assets],
+        assets=[corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer],
         jobs=[
             dg.define_asset_job(
                 "full_pipeline",

@@ -43,6 +43,16 @@ def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame) -> pl.Data
         frac_score_ge_0_8=(pl.col("score") >= GOOD_SCORE).sum() / pl.col("score").is_not_null().sum(),
     )
     summary = stats.join(best, on=["explainer_id", "simulator_id"], how="left").sort("explainer_id", "simulator_id")
+    baseline = joined.filter(
+        pl.col("explainer_id").str.starts_with("baseline-") & pl.col("simulator_id").str.starts_with("baseline-")
+    ).select("neuron", baseline_score="score")
+    floor = (
+        joined.select("explainer_id", "simulator_id", "neuron")
+        .join(baseline, on="neuron", how="inner")
+        .group_by("explainer_id", "simulator_id")
+        .agg(baseline_mean_score=pl.col("baseline_score").mean())
+    )
+    summary = summary.join(floor, on=["explainer_id", "simulator_id"], how="left")
     return table_frame("layer_summary", summary)
 
 

@@ -72,7 +72,7 @@ def parse_explanation(completion: str) -> str:
             text = text[index + len(prefix) :].strip()
             break
     # One phrase: small models run on past the first sentence.
-    sentence_end = re.search(r"[.!?](\s|$)", text)
+    sentence_end = re.search(r"(?<!\.)[.!?](?=\s+[A-Z]|$)", text)
     if sentence_end:
         text = text[: sentence_end.start()]
     for _ in range(2):  # quotes and a final period, in either order

@@ -1,0 +1,26 @@
+"""Delta lake tables: schemas, paths, reads and atomic per-partition writes."""
+
+from neuron_pipeline.lake.io import (
+    LakeError,
+    open_table,
+    read_table,
+    table_exists,
+    table_frame,
+    table_path,
+    write_table,
+)
+from neuron_pipeline.lake.schemas import KEYS, PARTITION_COLUMN, PARTITIONED_TABLES, SCHEMAS
+
+__all__ = [
+    "KEYS",
+    "LakeError",
+    "PARTITIONED_TABLES",
+    "PARTITION_COLUMN",
+    "SCHEMAS",
+    "open_table",
+    "read_table",
+    "table_exists",
+    "table_frame",
+    "table_path",
+    "write_table",
+]

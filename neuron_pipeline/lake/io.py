@@ -1,0 +1,207 @@
+"""Read and write the lake's Delta tables (deltalake + polars).
+
+Each write replaces one slice of a table — a layer partition, or a layer and explainer id —
+in a single Delta commit (``overwrite`` with a predicate), so a reader sees either the old
+slice or the new one, never half of it, and other partitions are never touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import polars as pl
+import pyarrow as pa
+from deltalake import DeltaTable, Schema, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from neuron_pipeline.lake.schemas import PARTITION_COLUMN, SCHEMAS
+
+
+class LakeError(RuntimeError):
+    """A lake table cannot be read or written as asked; the message says how to fix it."""
+
+
+def table_path(lake: str | Path, table: str) -> Path:
+    if table not in SCHEMAS:
+        raise LakeError(f"unknown table {table!r}: tables are {', '.join(SCHEMAS)}")
+    return Path(lake) / table
+
+
+def table_exists(lake: str | Path, table: str) -> bool:
+    return DeltaTable.is_deltatable(str(table_path(lake, table)))
+
+
+def open_table(lake: str | Path, table: str, version: int | None = None) -> DeltaTable:
+    path = table_path(lake, table)
+    try:
+        return DeltaTable(str(path), version=version)
+    except TableNotFoundError:
+        raise LakeError(f"table {table!r} not found at {path}: materialize it first") from None
+
+
+def to_arrow(table: str, data: pl.DataFrame | pa.Table | Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Cast rows to the table's schema; absent columns must be nullable and become null."""
+    schema = SCHEMAS[table]
+    if isinstance(data, pl.DataFrame):
+        arrow = data.to_arrow()
+    elif isinstance(data, pa.Table):
+        arrow = data
+    else:
+        rows = list(data)
+        # Keys are checked here: pa.Table.from_pylist(schema=...) would silently drop unknown ones.
+        names = list(dict.fromkeys(key for row in rows for key in row))
+        _reject_unknown(table, names)
+        try:
+            arrow = pa.Table.from_pylist(rows, schema=pa.schema([schema.field(n) for n in names]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # e.g. an int layer for the string partition column: infer, then cast below.
+            try:
+                arrow = pa.Table.from_pylist(rows)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise LakeError(f"rows do not fit the {table!r} schema: {exc}") from None
+    _reject_unknown(table, arrow.column_names)
+    columns = []
+    for field in schema:
+        if field.name in arrow.column_names:
+            try:
+                columns.append(arrow.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                raise LakeError(
+                    f"column {field.name!r} of {table!r} cannot be stored as {field.type}: {exc}"
+                ) from None
+        else:
+            columns.append(pa.nulls(arrow.num_rows, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _reject_unknown(table: str, names: Iterable[str]) -> None:
+    unknown = [c for c in names if c not in SCHEMAS[table].names]
+    if unknown:
+        raise LakeError(f"columns {unknown} are not in the {table!r} schema (lake/schemas.py)")
+
+
+def _is_text(table: str, column: str) -> bool:
+    return pa.types.is_string(SCHEMAS[table].field(column).type)
+
+
+def _literal(value: Any, text: bool = False) -> str:
+    """A SQL literal; values of text columns are always quoted (layer 3 means '3')."""
+    if not text and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _predicate(where: Mapping[str, Any], table: str | None = None) -> str:
+    clauses = []
+    for column, value in where.items():
+        text = table is not None and _is_text(table, column)
+        if isinstance(value, (list, tuple, set)):
+            values = sorted(value, key=str)
+            clauses.append(f"{column} IN ({', '.join(_literal(v, text) for v in values)})")
+        else:
+            clauses.append(f"{column} = {_literal(value, text)}")
+    return " AND ".join(clauses)
+
+
+def _check_existing_schema(path: Path, table: str) -> None:
+    """Refuse to write into a Delta table whose columns, types or partitioning differ from ours."""
+    existing_table = DeltaTable(str(path))
+    existing = {f.name: str(f.type) for f in existing_table.schema().fields}
+    expected = {f.name: str(f.type) for f in Schema.from_arrow(SCHEMAS[table]).fields}
+    missing = [name for name in expected if name not in existing]
+    extra = [name for name in existing if name not in expected]
+    retyped = [f"{name} is {existing[name]}, not {expected[name]}" for name in expected if name in existing and existing[name] != expected[name]]
+    want_partitions = [PARTITION_COLUMN] if PARTITION_COLUMN in SCHEMAS[table].names else []
+    partitions = list(existing_table.metadata().partition_columns)
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if extra:
+        problems.append(f"unexpected {extra}")
+    if retyped:
+        problems.append("; ".join(retyped))
+    if partitions != want_partitions:
+        problems.append(f"partitioned by {partitions}, not {want_partitions}")
+    if problems:
+        raise LakeError(
+            f"the Delta table at {path} does not have the {table!r} schema ({'; '.join(problems)}): "
+            "move it away or point --lake at another folder"
+        )
+
+
+def write_table(
+    lake: str | Path,
+    table: str,
+    data: pl.DataFrame | pa.Table | Iterable[Mapping[str, Any]],
+    replace_where: Mapping[str, Any] | None = None,
+) -> int:
+    """Atomically replace the rows matching ``replace_where`` (all rows if None) by ``data``.
+
+    Returns the new table version.
+    """
+    arrow = to_arrow(table, data)
+    path = table_path(lake, table)
+    partitioned = PARTITION_COLUMN in SCHEMAS[table].names
+    if replace_where:
+        bad = [c for c in replace_where if c not in SCHEMAS[table].names]
+        if bad:
+            raise LakeError(f"cannot replace rows of {table!r} by unknown columns {bad}")
+        # Rows outside the slice being replaced would be silently dropped: refuse instead.
+        for column, value in replace_where.items():
+            allowed = {str(v) for v in value} if isinstance(value, (list, tuple, set)) else {str(value)}
+            found = {str(v) for v in arrow.column(column).unique().to_pylist()}
+            if found - allowed:
+                raise LakeError(f"rows for {column}={sorted(found - allowed)} fall outside the slice being written")
+    if DeltaTable.is_deltatable(str(path)):
+        _check_existing_schema(path, table)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_deltalake(
+            str(path),
+            arrow,
+            mode="overwrite",
+            partition_by=[PARTITION_COLUMN] if partitioned else None,
+            predicate=_predicate(replace_where, table) if replace_where else None,
+            schema_mode=None,
+        )
+    except DeltaError as exc:
+        raise LakeError(f"cannot write {table!r} at {path}: {exc}") from None
+    return DeltaTable(str(path)).version()
+
+
+def read_table(
+    lake: str | Path,
+    table: str,
+    where: Mapping[str, Any] | None = None,
+    columns: list[str] | None = None,
+    version: int | None = None,
+) -> pl.DataFrame:
+    """Read a table (optionally filtered by equality/IN on columns); empty if it does not exist."""
+    path = table_path(lake, table)
+    names = SCHEMAS[table].names
+    unknown = [c for c in [*(where or {}), *(columns or [])] if c not in names]
+    if unknown:
+        raise LakeError(f"columns {unknown} are not in the {table!r} schema: columns are {', '.join(names)}")
+    if not DeltaTable.is_deltatable(str(path)):
+        empty = pl.from_arrow(SCHEMAS[table].empty_table())
+        return empty.select(columns) if columns else empty
+    frame = pl.scan_delta(str(path), version=version)
+    for column, value in (where or {}).items():
+        text = _is_text(table, column)
+        if isinstance(value, (list, tuple, set)):
+            frame = frame.filter(pl.col(column).is_in([str(v) if text else v for v in value]))
+        else:
+            frame = frame.filter(pl.col(column) == (str(value) if text else value))
+    if columns:
+        frame = frame.select(columns)
+    try:
+        return frame.collect()
+    except DeltaError as exc:
+        raise LakeError(f"cannot read {table!r} at {path} (version={version}): {exc}") from None
+
+
+def table_frame(table: str, rows: pl.DataFrame | pa.Table | Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    """Rows as a polars frame typed exactly like the table (absent nullable columns become null)."""
+    return pl.from_arrow(to_arrow(table, rows))
