@@ -16,6 +16,9 @@ SMALL_RUN = {
     "corpus": {"max_sequences": 48},
     "layers": "0-1",
     "neurons": "0-7",
+    # The LLM backends have their own tests; most pipeline tests use the fast baseline.
+    "explainers": [{"backend": "baseline"}],
+    "simulators": [{"backend": "baseline"}],
 }
 
 
@@ -39,5 +42,7 @@ def small_lake(tmp_path_factory):
 
 def _small_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "small.yaml"
-    path.write_text("corpus:\n  max_sequences: 48\n")
+    path.write_text(
+        "corpus:\n  max_sequences: 48\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n"
+    )
     return path
