@@ -29,7 +29,12 @@ def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
         TABLE,
         ["model", "explainer_id", "simulator_id", "kind", "rank", "sequence_id", "mode", "len(tokens)"],
     )
-    add(suite, "kind in {top, random}", gxe().ExpectColumnValuesToBeInSet(column="kind", value_set=["top", "random"]))
+    # "calibration" rows are the held-out excerpts a calibrated simulator fits its line on.
+    add(
+        suite,
+        "kind in {top, random, calibration}",
+        gxe().ExpectColumnValuesToBeInSet(column="kind", value_set=["top", "random", "calibration"]),
+    )
     add(
         suite,
         "len(expected_activations) == len(tokens)",

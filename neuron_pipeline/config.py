@@ -138,12 +138,18 @@ class ExplainerSettings(_LLMSettings):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     # Baseline explainer: how many characteristic tokens the explanation lists.
     baseline_tokens: int = Field(8, ge=1, le=50)
+    # Beyond the paper: sample n explanations and keep the one that simulates best on held-out
+    # records; and/or revise once after seeing the worst-simulated excerpts.
+    best_of: int = Field(1, ge=1, le=16)
+    revise: bool = False
 
 
 class SimulatorSettings(_LLMSettings):
     prompt: str = "simulator_v1"
     # all-at-once from prompt logprobs (local, vLLM) | chat top_logprobs | generated integers
     mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
+    # Fit real ~ a * simulated + b per neuron on held-out records before rsquared / deviation.
+    calibrate: bool = False
 
 
 class Settings(_Section):

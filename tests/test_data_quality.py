@@ -579,7 +579,7 @@ def test_simulations_length_mismatch_kind_and_mode():
     report = validate_table("simulations", df, PARAMS)
     fail = failure(report, "len(expected_activations) == len(tokens)")
     assert fail["unexpected_count"] == 1 and fail["unexpected_values"] == [[L + 2, L]]
-    assert failure(report, "kind in {top, random}")["unexpected_values"] == ["quantile"]
+    assert failure(report, "kind in {top, random, calibration}")["unexpected_values"] == ["quantile"]
     assert failure(report, "mode is not null")["unexpected_count"] == 1
     assert report.failed == 3
     assert failing_row_indices(report) == [3, 4, 6]

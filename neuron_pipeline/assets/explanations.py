@@ -67,16 +67,22 @@ def explain_layer(
             records_settings.score_top,
             records_settings.score_random,
         )
-        fingerprint = records_fingerprint(splits.explain)
+        # Explainers that choose among candidates also read the held-out records.
+        seen = splits.explain + (splits.holdout_top + splits.holdout_random if hasattr(explainer, "explain_splits") else [])
+        fingerprint = records_fingerprint(seen)
         if (neuron, fingerprint) in done:
             rows.append(done[(neuron, fingerprint)])
         else:
-            todo.append((neuron, fingerprint, splits.explain))
-    explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
+            todo.append((neuron, fingerprint, splits))
+    if hasattr(explainer, "explain_splits"):
+        explain_many = explainer.explain_splits
+    else:
+        explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
+        explain_many = (lambda inner: lambda splits_list: inner([s.explain for s in splits_list]))(explain_many)
     with tqdm(total=len(todo), desc=f"explain layer {layer}", unit="neuron", disable=None) as bar:
         for start in range(0, len(todo), EXPLAIN_CHUNK):
             chunk = todo[start : start + EXPLAIN_CHUNK]
-            for (neuron, fingerprint, _), result in zip(chunk, explain_many([records for _, _, records in chunk])):
+            for (neuron, fingerprint, _), result in zip(chunk, explain_many([splits for _, _, splits in chunk])):
                 rows.append(
                     {
                         "model": model_id,

@@ -75,7 +75,11 @@ class LLMResource(dg.ConfigurableResource):
 
     def explainers(self) -> list[tuple[ExplainerSettings, Explainer]]:
         if self._explainers is None:
-            self._explainers = [(e, make_explainer(e, self.cache)) for e in self.pipeline.settings.explainers]
+            simulators = [sim for settings, sim in self.simulators()]
+            # Candidate explanations are ranked by the first LLM simulator (else the baseline).
+            llm_simulators = [sim for (settings, sim) in self.simulators() if settings.backend != "baseline"]
+            ranker = (llm_simulators or simulators)[0]
+            self._explainers = [(e, make_explainer(e, self.cache, ranker)) for e in self.pipeline.settings.explainers]
         return self._explainers
 
     def simulators(self) -> list[tuple[SimulatorSettings, Simulator]]:

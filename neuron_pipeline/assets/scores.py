@@ -1,6 +1,7 @@
 """Stage 5: score each explanation by the correlation of its simulation with the real activations."""
 
 
+import numpy as np
 import polars as pl
 
 import dagster as dg
@@ -11,6 +12,7 @@ from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.interp.prompts import MAX_VALUE
 from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
+from neuron_pipeline.interp.variants import fit_calibration
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
 
@@ -20,11 +22,24 @@ def score_layer(simulations: pl.DataFrame, max_activation: dict[int, float]) -> 
     group_keys = ["model", "layer", "neuron", "explainer_id", "simulator_id"]
     for key, group in simulations.sort("kind", "rank").group_by(group_keys, maintain_order=True):
         model, layer, neuron, explainer_id, simulator_id = key
-        by_kind = {"top": [], "random": []}
+        by_kind = {"top": [], "random": [], "calibration": []}
         for row in group.iter_rows(named=True):
             by_kind[row["kind"]].append(ScoredSequence(row["true_activations"], row["expected_activations"]))
-        # The explainer saw values as 0-10 of the neuron's top activation; map them back for rsquared.
-        scale = max(max_activation.get(neuron, 0.0), 0.0) / MAX_VALUE
+        if by_kind["calibration"]:
+            # Calibrated simulator: a line fitted on held-out excerpts maps values to activations.
+            slope, intercept = fit_calibration(
+                np.concatenate([s.true_activations for s in by_kind["calibration"]]),
+                np.concatenate([s.expected_activations for s in by_kind["calibration"]]),
+            )
+            for kind in ("top", "random"):
+                by_kind[kind] = [
+                    ScoredSequence(s.true_activations, [slope * v + intercept for v in s.expected_activations])
+                    for s in by_kind[kind]
+                ]
+            scale = 1.0
+        else:
+            # The explainer saw values as 0-10 of the neuron's top activation; map them back for rsquared.
+            scale = max(max_activation.get(neuron, 0.0), 0.0) / MAX_VALUE
         score = score_simulation(by_kind["top"], by_kind["random"], value_scale=scale)
         rows.append(
             {

@@ -47,6 +47,10 @@ def simulate_layer(
         scored = [("top", rank, r) for rank, r in enumerate(splits.score_top)] + [
             ("random", rank, r) for rank, r in enumerate(splits.score_random)
         ]
+        if getattr(simulator, "calibrate", False):
+            # Held-out excerpts on which the scorer fits the calibration line (never scored).
+            held_out = splits.holdout_top + splits.holdout_random
+            scored += [("calibration", rank, r) for rank, r in enumerate(held_out)]
         input_hash = content_hash(simulator.simulator_id, explanation["explanation"], *(str(r.tokens) for _, _, r in scored))
         if (neuron, input_hash) in kept:
             rows.extend(kept[(neuron, input_hash)])

@@ -11,6 +11,7 @@ from neuron_pipeline.config import ExplainerSettings, SimulatorSettings
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
 from neuron_pipeline.interp.explainer import Explainer, LLMExplainer
 from neuron_pipeline.interp.simulator import AllAtOnceSimulator, ChatSimulator, Simulator
+from neuron_pipeline.interp.variants import CalibratedSimulator, RefiningExplainer
 from neuron_pipeline.llm.cache import CachedChatModel, CachedValueModel, LLMCache
 
 
@@ -38,15 +39,26 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
     raise ValueError(f"backend {settings.backend!r} has no LLM client")
 
 
-def make_explainer(settings: ExplainerSettings, cache: LLMCache | None = None) -> Explainer:
+def make_explainer(
+    settings: ExplainerSettings, cache: LLMCache | None = None, ranker: Simulator | None = None
+) -> Explainer:
+    """``ranker`` simulates candidate explanations for best-of-n and revision."""
     if settings.backend == "baseline":
         return BaselineExplainer(max_tokens=settings.baseline_tokens)
     backend = make_backend(settings)
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
-    return LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
+    explainer = LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
+    if settings.best_of > 1 or settings.revise:
+        return RefiningExplainer(explainer, ranker or BaselineSimulator(), n=settings.best_of, revise=settings.revise)
+    return explainer
 
 
 def make_simulator(settings: SimulatorSettings, cache: LLMCache | None = None) -> Simulator:
+    simulator = _make_simulator(settings, cache)
+    return CalibratedSimulator(simulator) if settings.calibrate else simulator
+
+
+def _make_simulator(settings: SimulatorSettings, cache: LLMCache | None) -> Simulator:
     if settings.backend == "baseline":
         return BaselineSimulator()
     backend = make_backend(settings)

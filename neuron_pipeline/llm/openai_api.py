@@ -81,7 +81,7 @@ FAULT_KINDS = {
     "client_error": "HTTP 4xx other than 429; not retried",
     "unusable_content": "valid answer without usable text (empty completion, no choices); returned as is",
     "logprobs_missing": "logprobs asked for but not in the answer; returned without them",
-    "logprobs_rejected": "the server refused chat logprobs; asked again without them, and not asked again",
+    "logprobs_rejected": "the server refused chat logprobs; answered without them, and not asked for again",
     "usage_missing": "no usage field; tokens estimated from characters",
     "budget_exceeded": "token or dollar budget spent; request not sent",
 }
@@ -186,6 +186,7 @@ class OpenAICompatible:
         self.usage: dict[str, float] = {"calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
         self._secret = key  # kept only to scrub it out of error messages
         self._chat_logprobs: bool | None = None  # False once the server refused them
+        self._max_completion_tokens = False  # True once the server asked for that name instead of max_tokens
         self._echo_format: EchoFormat | None = None
         self._echo_unsupported: str | None = None
         self._probe_task: asyncio.Future | None = None
@@ -361,17 +362,27 @@ class OpenAICompatible:
             "n": request.n,
             "seed": request.seed,
         }
+        if self._max_completion_tokens:
+            params["max_completion_tokens"] = params.pop("max_tokens")
         want_logprobs = request.top_logprobs > 0 and self._chat_logprobs is not False
         if want_logprobs:
             params.update(logprobs=True, top_logprobs=min(MAX_TOP_LOGPROBS, request.top_logprobs))
         try:
             return await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
         except LLMRequestError as exc:
-            if not (want_logprobs and exc.status_code in (400, 422)):
+            if exc.status_code not in (400, 422):
                 raise
-            self.faults["logprobs_rejected"] += 1
+            if "max_tokens" in params and "max_completion_tokens" in str(exc):
+                # OpenAI's reasoning models take only the newer name; remembered for later calls.
+                params["max_completion_tokens"] = params.pop("max_tokens")
+                response = await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
+                self._max_completion_tokens = True
+                return response
+            if not want_logprobs:
+                raise
             params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
             response = await self._call("chat", params, lambda data: self._parse_chat(data, False))
+            self.faults["logprobs_rejected"] += 1
             if self._chat_logprobs is None:
                 log.warning("%s: the server refused chat logprobs; continuing without them", self.model_name)
             self._chat_logprobs = False
@@ -426,7 +437,8 @@ class OpenAICompatible:
             return self._echo_format
         if self._echo_unsupported is not None:
             raise PromptLogprobsUnsupported(self._echo_unsupported)
-        if self._probe_task is None or (self._probe_task.done() and self._probe_task.exception() is not None):
+        task = self._probe_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             self._probe_task = asyncio.ensure_future(self._probe())
         return await asyncio.shield(self._probe_task)
 
