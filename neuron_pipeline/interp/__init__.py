@@ -2,7 +2,8 @@
 a researcher can use it in a notebook."""
 
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
-from neuron_pipeline.interp.explainer import Explainer, Explanation
+from neuron_pipeline.interp.explainer import Explainer, Explanation, LLMExplainer, parse_explanation
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse, ValueDistributionModel
 from neuron_pipeline.interp.records import (
     ActivationRecord,
     NeuronId,
@@ -13,10 +14,31 @@ from neuron_pipeline.interp.records import (
     split_records,
 )
 from neuron_pipeline.interp.scoring import Score, ScoredSequence, score_simulation
-from neuron_pipeline.interp.simulator import SequenceSimulation, Simulator
+from neuron_pipeline.interp.simulator import (
+    AllAtOnceSimulator,
+    ChatSimulator,
+    SequenceSimulation,
+    Simulator,
+    expected_values,
+    parse_simulated_values,
+)
+from neuron_pipeline.interp.variants import CalibratedSimulator, RefiningExplainer, fit_calibration
 
 __all__ = [
     "ActivationRecord",
+    "AllAtOnceSimulator",
+    "CalibratedSimulator",
+    "ChatModel",
+    "ChatRequest",
+    "ChatResponse",
+    "ChatSimulator",
+    "LLMExplainer",
+    "RefiningExplainer",
+    "ValueDistributionModel",
+    "expected_values",
+    "fit_calibration",
+    "parse_explanation",
+    "parse_simulated_values",
     "BaselineExplainer",
     "BaselineSimulator",
     "Explainer",
