@@ -105,3 +105,50 @@ def test_calibrated_scores_use_the_line_fitted_on_calibration_rows():
     plain = score_layer(table_frame("simulations", [r for r in rows if r["kind"] != "calibration"]), {0: 3.5})
     assert plain["score"][0] == pytest.approx(1.0) and plain["rsquared"][0] < 0.99
     assert isinstance(plain, pl.DataFrame)
+
+
+def test_variants_run_through_the_pipeline_against_an_openai_compatible_server(tmp_path, monkeypatch):
+    """best_of + revise + calibrate as config switches, end to end over a real HTTP server."""
+    import dagster as dg
+    from conftest import small_settings
+    from fake_openai import FakeOpenAIServer
+
+    from neuron_pipeline.definitions import build_definitions
+    from neuron_pipeline.lake import read_table
+
+    monkeypatch.setenv("FAKE_KEY", "sk-test-variants")
+    with FakeOpenAIServer(max_lifetime_s=240) as fake:
+        api = {"backend": "openai", "model": "fake-model", "base_url": fake.base_url, "api_key_env": "FAKE_KEY"}
+        settings = small_settings(
+            tmp_path / "lake",
+            layers="0",
+            neurons="0-2",
+            explainers=[{"backend": "baseline"}, {**api, "best_of": 3, "revise": True}],
+            simulators=[{**api, "calibrate": True}],
+        )
+        defs = build_definitions(settings)
+        instance = dg.DagsterInstance.ephemeral()
+        keys = ["corpus_tokens", "neuron_activations", "activation_records", "explanations", "simulations", "scores"]
+        for selection, partition in ((keys[:1], None), (keys[1:], "0")):
+            result = dg.materialize(
+                list(defs.assets),
+                selection=[dg.AssetKey(k) for k in selection],
+                resources=defs.resources,
+                instance=instance,
+                partition_key=partition,
+            )
+            assert result.success
+        chat_requests = fake.posts("/chat/completions")
+
+    explanations = read_table(settings.lake_path, "explanations")
+    refined = explanations.filter(pl.col("explainer_id").str.starts_with("llm-"))
+    assert refined.height == 3 and refined["error"].null_count() == 3
+    assert refined["explanation"].str.contains("word").all()
+    # Three candidates were asked for in one request per neuron, then one revision each.
+    assert sorted(r.body.get("n", 1) for r in chat_requests) == [1, 1, 1, 3, 3, 3]
+    simulations = read_table(settings.lake_path, "simulations")
+    assert set(simulations["kind"].unique()) == {"top", "random", "calibration"}
+    assert set(simulations["mode"].unique()) == {"all_at_once_logprobs"}
+    scores = read_table(settings.lake_path, "scores")
+    assert scores["simulator_id"].str.starts_with("calibrated-").all()
+    assert scores.height == 6  # 3 neurons x (baseline + refined explanations)
