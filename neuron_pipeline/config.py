@@ -152,6 +152,50 @@ class SimulatorSettings(_LLMSettings):
     calibrate: bool = False
 
 
+class KubernetesSettings(_Section):
+    """Where steps run with ``platform.executor: k8s`` (dagster-k8s ``k8s_job_executor``; see deploy/k8s/).
+
+    GPU steps (capture, explanations, simulations) request ``gpus_per_step`` of ``gpu_resource``
+    and carry the node selector and tolerations below, through their ``dagster-k8s/config`` tags."""
+
+    namespace: str | None = None  # None: the run launcher's namespace
+    image: str | None = None  # None: the image of the code location that launched the run
+    max_concurrent: int = Field(8, ge=1, description="step pods running at once within one run")
+    gpu_resource: str = "nvidia.com/gpu"
+    gpus_per_step: int = Field(1, ge=1)
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict)
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    # A ReadWriteMany PersistentVolumeClaim mounted at `lake` in every step pod (the lake io takes
+    # file-system paths: shared storage is a volume, e.g. EFS, Filestore or Azure Files).
+    lake_volume_claim: str | None = None
+    # Secrets whose keys become environment variables of every step (e.g. OPENAI_API_KEY).
+    env_secrets: list[str] = Field(default_factory=list)
+
+
+class PlatformSettings(_Section):
+    """How Dagster runs the pipeline: executor, schedule and sensor cadence, Kubernetes placement."""
+
+    # in_process by default: the multiprocess executor re-imports torch in every step.
+    executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
+    # Nightly re-materialization of stale layers (cron in schedule_timezone).
+    schedule_cron: str = "0 3 * * *"
+    schedule_timezone: str = "UTC"
+    # How often the prompt / settings sensor looks for a change.
+    sensor_interval_s: int = Field(60, ge=5)
+    k8s: KubernetesSettings = KubernetesSettings()
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> "PlatformSettings":
+        fields = self.schedule_cron.split()
+        if not (len(fields) == 5 or (len(fields) == 1 and fields[0].startswith("@"))):
+            raise ValueError(
+                f"schedule_cron {self.schedule_cron!r} is not a cron expression: use five fields, e.g. '0 3 * * *'"
+            )
+        return self
+
+
 class Settings(_Section):
     profile: str = DEFAULT_PROFILE
     subject: SubjectSettings = SubjectSettings()
@@ -163,6 +207,7 @@ class Settings(_Section):
     explainers: list[ExplainerSettings] = Field(default_factory=lambda: [ExplainerSettings()], min_length=1)
     simulators: list[SimulatorSettings] = Field(default_factory=lambda: [SimulatorSettings()], min_length=1)
     lake: str = "./lake"
+    platform: PlatformSettings = PlatformSettings()
 
     @property
     def lake_path(self) -> Path:

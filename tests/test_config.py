@@ -111,7 +111,9 @@ def test_demo_profile_is_the_default_and_matches_its_file():
     assert settings.corpus.sequence_length == 64
     assert settings.layers == raw["layers"]
     assert settings.neurons == raw["neurons"]
-    assert [e.backend for e in settings.explainers] == ["baseline"]
+    # The offline demo runs the no-LLM baseline and the bundled local model, no API.
+    assert [e.backend for e in settings.explainers] == [e["backend"] for e in raw["explainers"]] == ["baseline", "local"]
+    assert [s.backend for s in settings.simulators] == ["baseline", "local"]
 
 
 def test_paper_profile_is_the_papers_setting():

@@ -15,6 +15,8 @@ import dagster as dg
 
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
+from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
+from neuron_pipeline.assets.versions import capture_data_version
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import parse_index_spec
@@ -82,7 +84,7 @@ def records_frame(capture: LayerCapture, model_id: str, sequence_tokens: pl.Data
     return table_frame("activation_records", frame)
 
 
-def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
     """The capture asset over the given layer partitions."""
 
     @dg.multi_asset(
@@ -110,7 +112,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         check_specs=[quality_check_spec("neuron_activations"), quality_check_spec("activation_records")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
-        op_tags=GPU_TAGS,
+        op_tags=GPU_TAGS if op_tags is None else op_tags,
         code_version="capture-v1",
     )
     def capture(
@@ -156,20 +158,27 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         write_table(lake, "activation_records", records, replace_where=run_layers)
         n_records = records.height
 
-        common = {"layers": str(layers), "neurons_per_layer": len(neurons), "tokens": int(token_ids.size)}
+        common = {
+            "layers": str(layers),
+            "neurons_per_layer": len(neurons),
+            "tokens": int(token_ids.size),
+            "corpus_hash": corpus_hash,
+        }
+        # The same tokens and recipe give the same data: downstream is not made stale by a re-run.
+        data_version = capture_data_version(settings, corpus_hash)
+        publish_layers(context, "neuron_activations", stats, expected_neurons=len(neurons))
+        publish_layers(context, "activation_records", records, expected_neurons=len(neurons))
         yield dg.MaterializeResult(
             asset_key="neuron_activations",
-            metadata={**common, "path": dg.MetadataValue.path(str(table_path(lake, "neuron_activations")))},
+            metadata={**common, "rows": stats.height, **lake_metadata(lake, "neuron_activations")},
             check_results=[check_result(stats_report)],
+            data_version=data_version,
         )
         yield dg.MaterializeResult(
             asset_key="activation_records",
-            metadata={
-                **common,
-                "records": n_records,
-                "path": dg.MetadataValue.path(str(table_path(lake, "activation_records"))),
-            },
+            metadata={**common, "records": n_records, **lake_metadata(lake, "activation_records")},
             check_results=[check_result(records_report)],
+            data_version=data_version,
         )
 
     return capture

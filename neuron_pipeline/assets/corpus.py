@@ -31,6 +31,8 @@ def corpus_tokens(
         check_results=[check_result(report)],
         metadata={
             "sequences": frame.height,
+            "dagster/row_count": frame.height,
+            "dagster/uri": str(table_path(pipeline.lake, "corpus_tokens")),
             "tokens": frame.height * settings.corpus.sequence_length,
             "corpus_hash": sequences.corpus_hash,
             "path": dg.MetadataValue.path(str(table_path(pipeline.lake, "corpus_tokens"))),

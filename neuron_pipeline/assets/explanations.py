@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
@@ -103,7 +104,7 @@ def explain_layer(
     return table_frame("explanations", sorted(rows, key=lambda r: r["neuron"])), len(todo)
 
 
-def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
     """The explanations asset over the given layer partitions."""
 
     @dg.asset(
@@ -114,10 +115,10 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="One explanation per neuron and explainer id (hash of explainer model, prompt template and "
         "parameters). A new prompt adds rows under a new id; earlier ids stay queryable.",
-        check_specs=[quality_check_spec("explanations")],
+        check_specs=[quality_check_spec("explanations"), upstream_check_spec("explanations", "activation_records")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
-        op_tags=GPU_TAGS,
+        op_tags=GPU_TAGS if op_tags is None else op_tags,
         code_version="explanations-v1",
     )
     def explanations(
@@ -127,6 +128,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         layers = layers_of(context)
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         run_layers = [str(layer) for layer in layers]
+        upstream = yield from gate_upstream("explanations", "activation_records", lake, layers, settings)
         records = {layer: load_neuron_records(lake, layer) for layer in layers}
         missing = [layer for layer in layers if not records[layer]]
         if missing:
@@ -160,9 +162,12 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         totals["prompt_tokens"] = int(combined["prompt_tokens"].sum() or 0)
         totals["completion_tokens"] = int(combined["completion_tokens"].sum() or 0)
         totals.update(llm.usage())
+        totals["neurons_explained"] = combined.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique()
+        totals.update(cost_metadata(llm.explainers(), combined))
+        publish_layers(context, "explanations", combined)
         yield dg.MaterializeResult(
-            check_results=[check_result(report)],
-            metadata={**totals, "path": dg.MetadataValue.path(str(table_path(lake, "explanations")))},
+            check_results=[check_result(report), upstream],
+            metadata={**totals, **lake_metadata(lake, "explanations")},
         )
 
     return explanations

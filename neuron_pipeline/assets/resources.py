@@ -97,4 +97,36 @@ class LLMResource(dg.ConfigurableResource):
         }
         if self._cache is not None:
             usage.update(self._cache.stats())
+        faults = self.faults()
+        if any(faults.values()):
+            usage["llm_faults"] = dg.MetadataValue.json(faults)
         return usage
+
+    def faults(self) -> dict[str, dict[str, int]]:
+        """Faults the API backends met this run, by kind (``openai_api.FAULT_KINDS``: rate_limited,
+        server_error, timeout, connection, malformed, unusable_content, ...), summed over the
+        explainers and over the simulators; retried faults count once per attempt."""
+        out: dict[str, dict[str, int]] = {}
+        for role, entries in (("explainers", self._explainers or []), ("simulators", self._simulators or [])):
+            total: dict[str, int] = {}
+            for backend in _backends([obj for _, obj in entries]):
+                for kind, count in backend.faults.items():
+                    total[kind] = total.get(kind, 0) + int(count)
+            out[role] = dict(sorted(total.items()))
+        return out
+
+
+def _backends(objects: list) -> list:
+    """The distinct LLM clients (objects with a ``faults`` counter) inside explainer / simulator
+    wrappers (cache, best-of-n, calibration)."""
+    found: dict[int, object] = {}
+    stack, seen = list(objects), set()
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if hasattr(obj, "faults") and not callable(getattr(obj, "faults")):
+            found[id(obj)] = obj
+        stack.extend(getattr(obj, name, None) for name in ("model", "base", "backend", "inner", "explainer", "simulator"))
+    return list(found.values())

@@ -7,7 +7,8 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.metadata import lake_metadata, publish_layers, score_metadata
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.interp.prompts import MAX_VALUE
@@ -72,13 +73,14 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         description="Per (neuron, explainer id, simulator id): correlation of simulated and real activations pooled "
         "over the scored top + random excerpts (the paper's score), top-only and random-only scores, "
         "rsquared and absolute deviation explained.",
-        check_specs=[quality_check_spec("scores")],
+        check_specs=[quality_check_spec("scores"), upstream_check_spec("scores", "simulations")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         code_version="scores-v1",
     )
     def scores(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
         layers = layers_of(context)
+        upstream = yield from gate_upstream("scores", "simulations", lake, layers, pipeline.settings)
         frames = []
         for layer in layers:
             stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
@@ -87,16 +89,10 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         combined = pl.concat(frames)
         report = yield from gate("scores", combined, QualityParams.from_settings(pipeline.settings))
         write_table(lake, "scores", combined, replace_where={"layer": [str(layer) for layer in layers]})
-        metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "scores"))), "rows": combined.height}
-        valid = combined["score"].drop_nulls()
-        if len(valid):
-            metadata.update(
-                {
-                    "mean_score": float(valid.mean()),
-                    "median_score": float(valid.median()),
-                    "null_scores": int(combined["score"].null_count()),
-                }
-            )
-        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report)])
+        metadata = {**lake_metadata(lake, "scores"), "rows": combined.height}
+        # Mean, quantiles, histogram and best neurons over the run's layers; per layer on each partition.
+        metadata.update(score_metadata(combined, lake))
+        publish_layers(context, "scores", combined, lake=lake)
+        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report), upstream])
 
     return scores

@@ -8,7 +8,8 @@ import dagster as dg
 
 from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -82,7 +83,7 @@ def simulate_layer(
     return table_frame("simulations", rows), calls, failed
 
 
-def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
     """The simulations asset over the given layer partitions."""
 
     @dg.asset(
@@ -93,10 +94,10 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="Simulated activation per token of each scored excerpt (5 top excerpts the explainer did not "
         "see + 5 random ones), per explainer id and simulator id, with the simulation mode.",
-        check_specs=[quality_check_spec("simulations")],
+        check_specs=[quality_check_spec("simulations"), upstream_check_spec("simulations", "explanations")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=GPU_POOL,
-        op_tags=GPU_TAGS,
+        op_tags=GPU_TAGS if op_tags is None else op_tags,
         code_version="simulations-v1",
     )
     def simulations(
@@ -104,6 +105,7 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     ):
         settings, lake = pipeline.settings, pipeline.lake
         layers = layers_of(context)
+        upstream = yield from gate_upstream("simulations", "explanations", lake, layers, settings)
         explainer_ids = [explainer.explainer_id for _, explainer in llm.explainers()]
         records = {layer: load_neuron_records(lake, layer) for layer in layers}
         total_calls = 0
@@ -144,14 +146,17 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 replace_where={"layer": simulator_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
             )
         total_rows = combined.height
+        publish_layers(context, "simulations", combined)
         yield dg.MaterializeResult(
-            check_results=[check_result(report)],
+            check_results=[check_result(report), upstream],
             metadata={
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,
                 "failed_simulations": failures,
+                "neurons_simulated": combined.select("layer", "neuron").n_unique(),
                 **llm.usage(),
-                "path": dg.MetadataValue.path(str(table_path(lake, "simulations"))),
+                **cost_metadata(llm.simulators()),
+                **lake_metadata(lake, "simulations"),
             },
         )
 

@@ -6,7 +6,8 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
+from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
@@ -67,13 +68,14 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         owners=["team:interpretability"],
         description="Per layer and (explainer id, simulator id): neurons scored, mean / median / p90 score, share "
         "of neurons scoring >= 0.8, and the best neuron with its explanation.",
-        check_specs=[quality_check_spec("layer_summary")],
+        check_specs=[quality_check_spec("layer_summary"), upstream_check_spec("layer_summary", "scores")],
         backfill_policy=dg.BackfillPolicy.single_run(),
         code_version="layer_summary-v1",
     )
     def layer_summary(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
         layers = layers_of(context)
+        upstream = yield from gate_upstream("layer_summary", "scores", lake, layers, pipeline.settings)
         frames = []
         for layer in layers:
             where = {"layer": str(layer)}
@@ -83,11 +85,12 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         summary = pl.concat(frames)
         report = yield from gate("layer_summary", summary, QualityParams.from_settings(pipeline.settings))
         write_table(lake, "layer_summary", summary, replace_where={"layer": [str(layer) for layer in layers]})
-        metadata = {"path": dg.MetadataValue.path(str(table_path(lake, "layer_summary")))}
+        metadata = {**lake_metadata(lake, "layer_summary"), "rows": summary.height}
         if summary.height:
             table = summary.select("layer", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron")
             metadata["summary"] = dg.MetadataValue.md(_markdown(table))
-        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report)])
+        publish_layers(context, "layer_summary", summary)
+        yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report), upstream])
 
     return layer_summary
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import string
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Sequence
 
 from neuron_pipeline.interp.records import ActivationRecord
@@ -104,15 +106,38 @@ class PromptTemplate:
 
 
 def load_template(name: str, required: Sequence[str]) -> PromptTemplate:
-    """Load ``prompts/<name>.txt`` and check it has every placeholder the code fills in."""
-    path = resources.files("neuron_pipeline.interp") / "prompts" / f"{name}.txt"
-    if not path.is_file():
-        raise PromptTemplateError(f"prompt template {name!r} not found in neuron_pipeline/interp/prompts/")
-    text = path.read_text()
-    found = {field for _, field, _, _ in string.Formatter().parse(text) if field}
+    """Load ``prompts/<name>.txt`` and check it has every placeholder the code fills in, and no other.
+
+    ``name`` may also be the path of a template file of one's own (it ends in ``.txt`` or holds a
+    path separator); its name is then the file's stem."""
+    if name.endswith(".txt") or "/" in name or os.sep in name:
+        file = Path(name).expanduser()
+        if not file.is_file():
+            raise PromptTemplateError(f"prompt template file {name!r} not found: give the path of an existing .txt file")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PromptTemplateError(f"cannot read prompt template file {name!r} ({type(exc).__name__}): use a UTF-8 text file") from None
+        template_name = file.stem
+    else:
+        path = resources.files("neuron_pipeline.interp") / "prompts" / f"{name}.txt"
+        if not path.is_file():
+            raise PromptTemplateError(f"prompt template {name!r} not found in neuron_pipeline/interp/prompts/")
+        text = path.read_text()
+        template_name = name
+    try:
+        found = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError as exc:
+        raise PromptTemplateError(f"prompt template {name!r} is not a valid template ({exc}): write literal braces as {{{{ and }}}}") from None
     missing = [p for p in required if p not in found]
     if missing:
         raise PromptTemplateError(
             f"prompt template {name!r} lacks placeholder(s) {', '.join('{' + m + '}' for m in missing)}: add them"
         )
-    return PromptTemplate(name, text, tuple(required))
+    unknown = sorted(found - set(required))
+    if unknown:
+        raise PromptTemplateError(
+            f"prompt template {name!r} has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}: "
+            f"only {', '.join('{' + r + '}' for r in required)} are filled in; write literal braces as {{{{ and }}}}"
+        )
+    return PromptTemplate(template_name, text, tuple(required))

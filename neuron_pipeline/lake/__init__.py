@@ -2,6 +2,7 @@
 
 from neuron_pipeline.lake.io import (
     LakeError,
+    check_table_schema,
     open_table,
     read_table,
     table_exists,
@@ -17,6 +18,7 @@ __all__ = [
     "PARTITIONED_TABLES",
     "PARTITION_COLUMN",
     "SCHEMAS",
+    "check_table_schema",
     "open_table",
     "read_table",
     "table_exists",

@@ -7,19 +7,29 @@ slice or the new one, never half of it, and other partitions are never touched.
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import polars as pl
 import pyarrow as pa
 from deltalake import DeltaTable, Schema, write_deltalake
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from neuron_pipeline.lake.schemas import PARTITION_COLUMN, SCHEMAS
 
 
 class LakeError(RuntimeError):
     """A lake table cannot be read or written as asked; the message says how to fix it."""
+
+
+# Two writers replacing slices of one table at the same time (two runs of one layer, or of
+# different layers) race on the next Delta version; the loser's commit fails and is retried
+# against the new table state, a bounded number of times with jittered backoff.
+COMMIT_ATTEMPTS = 8
+_COMMIT_BACKOFF_S = 0.05
+_COMMIT_BACKOFF_MAX_S = 2.0
 
 
 def table_path(lake: str | Path, table: str) -> Path:
@@ -104,9 +114,23 @@ def _predicate(where: Mapping[str, Any], table: str | None = None) -> str:
     return " AND ".join(clauses)
 
 
+def check_table_schema(lake: str | Path, table: str) -> None:
+    """Raise ``LakeError`` when a Delta table exists at the table's path with another schema
+    (nothing to check when there is no table yet)."""
+    path = table_path(lake, table)
+    if DeltaTable.is_deltatable(str(path)):
+        _check_existing_schema(path, table)
+
+
 def _check_existing_schema(path: Path, table: str) -> None:
     """Refuse to write into a Delta table whose columns, types or partitioning differ from ours."""
-    existing_table = DeltaTable(str(path))
+    try:
+        existing_table = DeltaTable(str(path))
+    except DeltaError as exc:
+        raise LakeError(
+            f"the Delta table at {path} cannot be read ({str(exc).splitlines()[0][:160]}): "
+            "move it away or point --lake at another folder"
+        ) from None
     existing = {f.name: str(f.type) for f in existing_table.schema().fields}
     expected = {f.name: str(f.type) for f in Schema.from_arrow(SCHEMAS[table]).fields}
     missing = [name for name in expected if name not in existing]
@@ -153,22 +177,40 @@ def write_table(
             found = {str(v) for v in arrow.column(column).unique().to_pylist()}
             if found - allowed:
                 raise LakeError(f"rows for {column}={sorted(found - allowed)} fall outside the slice being written")
-    if DeltaTable.is_deltatable(str(path)):
-        _check_existing_schema(path, table)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_deltalake(
-            str(path),
-            arrow,
-            mode="overwrite",
-            partition_by=[PARTITION_COLUMN] if partitioned else None,
-            predicate=_predicate(replace_where, table) if replace_where else None,
-            schema_mode=None,
-        )
-    except DeltaError as exc:
-        raise LakeError(f"cannot write {table!r} at {path}: {exc}") from None
+    rng = random.Random()
+    for attempt in range(COMMIT_ATTEMPTS):
+        if DeltaTable.is_deltatable(str(path)):
+            _check_existing_schema(path, table)
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LakeError(f"cannot create the lake folder {path.parent}: {exc.strerror or exc}") from None
+        try:
+            write_deltalake(
+                str(path),
+                arrow,
+                mode="overwrite",
+                partition_by=[PARTITION_COLUMN] if partitioned else None,
+                predicate=_predicate(replace_where, table) if replace_where else None,
+                schema_mode=None,
+            )
+            break
+        except DeltaError as exc:
+            if not _is_commit_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                tried = f" (after {attempt + 1} attempts)" if attempt else ""
+                raise LakeError(f"cannot write {table!r} at {path}{tried}: {exc}") from None
+            time.sleep(min(_COMMIT_BACKOFF_MAX_S, _COMMIT_BACKOFF_S * 2**attempt) * rng.uniform(0.5, 1.5))
     return DeltaTable(str(path)).version()
+
+
+def _is_commit_conflict(exc: DeltaError) -> bool:
+    """A commit lost to a concurrent writer (worth redoing on the new table state)."""
+    if isinstance(exc, CommitFailedError):
+        return True
+    text = str(exc).lower()
+    # Two writers creating the same table: both try to write version 0.
+    return "already exists" in text and "version" in text
 
 
 def read_table(

@@ -4,10 +4,17 @@ Every response is stored under sha256(model, kind, request) the moment it arrive
 (WAL, safe for several processes). A re-run after a crash or a config change pays only for
 requests it has never made; a result already paid for is never lost. Requests hold no secrets
 (API keys live in the environment), so neither do cache files.
+
+"The moment it arrives": with a backend that hands out one future per request
+(``submit_chat`` / ``submit_value_distributions``, as the OpenAI-compatible backend does) each
+answer is committed as soon as its future resolves, while the rest of the batch is still in
+flight, so a process killed mid-batch loses only the calls on the wire. Backends without them
+(the local model, which computes a batch at once) are stored batch by batch.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -112,13 +119,20 @@ class CachedChatModel:
                 results.append(None)
                 missing.append(i)
         if missing:
-            fresh = chat_all(self.model, [requests[i] for i in missing])
-            for i, response in zip(missing, fresh):
+
+            def store(i: int, response: ChatResponse | Exception) -> None:
                 results[i] = response
                 if not isinstance(response, Exception):
                     self.cache.put(keys[i], self.model_name, "chat", _response_to_json(response))
                     self.new_prompt_tokens += response.prompt_tokens
                     self.new_completion_tokens += response.completion_tokens
+
+            submit = getattr(self.model, "submit_chat", None)
+            if submit is not None:
+                _as_they_arrive(submit([requests[i] for i in missing]), missing, store)
+            else:
+                for i, response in zip(missing, chat_all(self.model, [requests[i] for i in missing])):
+                    store(i, response)
         return results  # type: ignore[return-value]
 
 
@@ -149,10 +163,42 @@ class CachedValueModel:
                 results.append(None)
                 missing.append(i)
         if missing:
-            fresh = self.model.value_distributions(prefix, [suffixes[i] for i in missing], [slots[i] for i in missing])
-            for i, distribution in zip(missing, fresh):
+            failures: list[Exception] = []
+
+            def store(i: int, distribution: SlotDistributions | Exception) -> None:
+                if isinstance(distribution, Exception):
+                    failures.append(distribution)
+                    return
                 results[i] = distribution
                 self.new_prompt_tokens += distribution.prompt_tokens
                 payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
                 self.cache.put(keys[i], self.model_name, "value_distributions", json.dumps(payload))
+
+            submit = getattr(self.model, "submit_value_distributions", None)
+            if submit is not None:
+                # Every excerpt answered is kept even when another one of the batch fails.
+                futures = submit(prefix, [suffixes[i] for i in missing], [slots[i] for i in missing])
+                _as_they_arrive(futures, missing, store)
+                if failures:
+                    raise failures[0]
+            else:
+                fresh = self.model.value_distributions(prefix, [suffixes[i] for i in missing], [slots[i] for i in missing])
+                for i, distribution in zip(missing, fresh):
+                    store(i, distribution)
         return results  # type: ignore[return-value]
+
+
+def _as_they_arrive(futures: Sequence[concurrent.futures.Future], indices: Sequence[int], store) -> None:
+    """Call ``store(index, result or exception)`` for each future as soon as it resolves."""
+    where = {future: index for future, index in zip(futures, indices)}
+    try:
+        for future in concurrent.futures.as_completed(where):
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                result = exc
+            store(where[future], result)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise

@@ -229,19 +229,36 @@ class OpenAICompatible:
     def chat_many(self, requests: Sequence[ChatRequest]) -> list[ChatResponse | Exception]:
         """All requests at once (at most ``concurrency`` in flight); a failed one comes back as
         its exception, in its place."""
-        futures = [self._submit(self._chat(request)) for request in requests]
-        results: list[ChatResponse | Exception] = []
+        return _collect(self.submit_chat(requests))
+
+    def submit_chat(self, requests: Sequence[ChatRequest]) -> list[concurrent.futures.Future]:
+        """Start all requests; one future per request (a ``ChatResponse``, or the request's
+        exception), each resolving the moment its answer arrives — so a caller can persist every
+        answer at once instead of after the whole batch (see ``neuron_pipeline.llm.cache``)."""
+        futures: list[concurrent.futures.Future] = []
         try:
-            for future in futures:
-                try:
-                    results.append(future.result())
-                except Exception as exc:  # noqa: BLE001 - reported per request
-                    results.append(exc)
+            for request in requests:
+                futures.append(self._submit(self._chat(request)))
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        return results
+        return futures
+
+    def submit_value_distributions(
+        self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]
+    ) -> list[concurrent.futures.Future]:
+        """Like ``value_distributions``, one future per excerpt (its ``SlotDistributions`` or its
+        exception), each resolving as soon as that excerpt's requests are answered."""
+        futures: list[concurrent.futures.Future] = []
+        try:
+            for suffix, suffix_slots in zip(suffixes, slots):
+                futures.append(self._submit(self._one_distribution(prefix, suffix, list(suffix_slots))))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return futures
 
     def supports_prompt_logprobs(self) -> bool:
         """Whether the server returns usable prompt logprobs (one probe request, then cached)."""
@@ -502,35 +519,59 @@ class OpenAICompatible:
     async def _value_distributions(self, prefix: str, suffixes: list[str], slots: list[list[int]]) -> list[SlotDistributions]:
         if not suffixes:
             return []
+        await self._get_echo_format()
+        outcomes = await asyncio.gather(
+            *(self._one_distribution(prefix, s, sl) for s, sl in zip(suffixes, slots)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)
+
+    async def _one_distribution(self, prefix: str, suffix: str, suffix_slots: list[int]) -> SlotDistributions:
+        """One excerpt: its request, plus (when the tokenizer writes 10 as "1","0") the second
+        pass with "1" in every slot; both go out at once."""
         fmt = await self._get_echo_format()
         base = len(prefix)
-        jobs = [self._slot_tops(prefix + s, [base + x for x in sl], fmt) for s, sl in zip(suffixes, slots)]
+        jobs = [self._slot_tops(prefix + suffix, [base + x for x in suffix_slots], fmt)]
         if fmt.split_ten:  # p(next | "1") at every slot: the position right after the "1"
-            for suffix, suffix_slots in zip(suffixes, slots):
-                refilled, new_slots = refill_slots(suffix, suffix_slots, "1")
-                jobs.append(self._slot_tops(prefix + refilled, [base + x + 1 for x in new_slots], fmt))
+            refilled, new_slots = refill_slots(suffix, suffix_slots, "1")
+            jobs.append(self._slot_tops(prefix + refilled, [base + x + 1 for x in new_slots], fmt))
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        results = []
-        for i in range(len(suffixes)):
-            tops, prompt_tokens = outcomes[i]
-            probs = np.array([_value_probabilities(top) for top in tops], dtype=np.float64).reshape(len(tops), MAX_VALUE + 1)
-            if fmt.split_ten:
-                after_one, _ = outcomes[len(suffixes) + i]
-                shared = probs[:, 1].copy()
-                for row, top in enumerate(after_one):
-                    p_long = sum(math.exp(lp) for tok, lp in top.items() if tok == "0")
-                    p_end = sum(math.exp(lp) for tok, lp in top.items() if tok.startswith(("\n", "\r\n")))
-                    ratio = p_long / (p_long + p_end) if p_long + p_end > 0 else 0.0
-                    probs[row, 1] = shared[row] * (1 - ratio)
-                    probs[row, MAX_VALUE] = shared[row] * ratio
-            results.append(SlotDistributions(probs, prompt_tokens))
-        return results
+        tops, prompt_tokens = outcomes[0]
+        probs = np.array([_value_probabilities(top) for top in tops], dtype=np.float64).reshape(len(tops), MAX_VALUE + 1)
+        if fmt.split_ten:
+            after_one, _ = outcomes[1]
+            shared = probs[:, 1].copy()
+            for row, top in enumerate(after_one):
+                p_long = sum(math.exp(lp) for tok, lp in top.items() if tok == "0")
+                p_end = sum(math.exp(lp) for tok, lp in top.items() if tok.startswith(("\n", "\r\n")))
+                ratio = p_long / (p_long + p_end) if p_long + p_end > 0 else 0.0
+                probs[row, 1] = shared[row] * (1 - ratio)
+                probs[row, MAX_VALUE] = shared[row] * ratio
+        return SlotDistributions(probs, prompt_tokens)
 
 
 # --- helpers (module level: no access to the key) ------------------------------------------------
+
+
+def _collect(futures: Sequence[concurrent.futures.Future]) -> list:
+    """The futures' results in order, a failed one as its exception; all cancelled on interrupt."""
+    results: list = []
+    try:
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                results.append(exc)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return results
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: openai.AsyncOpenAI) -> None:
