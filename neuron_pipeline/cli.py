@@ -67,10 +67,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from neuron_pipeline.subject import describe_subject
 
     settings = _settings(args)
+    _check_lake_folder(settings.lake_path)
     info = describe_subject(settings.subject)
     layers = parse_index_spec(settings.layers, info.num_layers, "layer")
     parse_index_spec(settings.neurons, info.num_neurons, "neuron")
     describe_source(settings.corpus)  # a missing corpus path fails here, before any run starts
+    _preflight(settings)
     print(
         f"neuron-pipeline: {info.model_id} ({info.num_layers} layers x {info.num_neurons} neurons), "
         f"layers {settings.layers}, neurons {settings.neurons}, lake {settings.lake_path}",
@@ -109,6 +111,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_lake_folder(lake: Path) -> None:
+    """The lake must be a folder, or not exist yet."""
+    if lake.exists() and not lake.is_dir():
+        raise UserError(f"lake {lake} is a file, not a folder: point --lake at a folder")
+
+
+def _preflight(settings) -> None:
+    """Everything that can fail before a model runs, checked before anything is written: tables
+    already in the lake have our schema; every LLM's prompt templates load, its API key is set,
+    and its server accepts connections (rather than a run that records a layer of failures)."""
+    from neuron_pipeline.lake import SCHEMAS, check_table_schema
+    from neuron_pipeline.llm import check_llm_settings
+
+    for table in SCHEMAS:
+        check_table_schema(settings.lake_path, table)
+    for llm_settings in [*settings.explainers, *settings.simulators]:
+        check_llm_settings(llm_settings)
+
+
 def _print_summary(settings, layers: list[int]) -> None:
     import polars as pl
     from rich.console import Console
@@ -144,6 +165,19 @@ def _print_summary(settings, layers: list[int]) -> None:
             (row["best_explanation"] or "")[:60],
         )
     console.print(table)
+    # Explainer cost repeats on every simulator row of its pair: count it once per explainer.
+    per_explainer = summary.unique(["layer", "explainer_id"])
+    tokens = {
+        "explainer_prompt_tokens": int(per_explainer["explainer_prompt_tokens"].fill_null(0).sum()),
+        "explainer_completion_tokens": int(per_explainer["explainer_completion_tokens"].fill_null(0).sum()),
+        "simulator_prompt_tokens": int(summary["simulator_prompt_tokens"].fill_null(0).sum()),
+        "simulator_completion_tokens": int(summary["simulator_completion_tokens"].fill_null(0).sum()),
+    }
+    console.print(
+        f"LLM tokens: explainers {tokens['explainer_prompt_tokens']:,} prompt + "
+        f"{tokens['explainer_completion_tokens']:,} completion; simulators {tokens['simulator_prompt_tokens']:,} prompt + "
+        f"{tokens['simulator_completion_tokens']:,} completion (repeat runs are served from the LLM cache)"
+    )
     console.print(f"lake:   {settings.lake_path}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_path}")
     from neuron_pipeline.viewer import default_viewer_dir

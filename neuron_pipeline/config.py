@@ -133,6 +133,8 @@ class _LLMSettings(_Section):
 
 
 class ExplainerSettings(_LLMSettings):
+    # A template shipped in neuron_pipeline/interp/prompts/ by name, or the path of your own
+    # .txt template (it must hold {records} and no other placeholder).
     prompt: str = "explainer_v1"
     max_tokens: int = Field(60, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -145,6 +147,7 @@ class ExplainerSettings(_LLMSettings):
 
 
 class SimulatorSettings(_LLMSettings):
+    # A shipped template name, or the path of your own .txt template ({explanation} only).
     prompt: str = "simulator_v1"
     # all-at-once from prompt logprobs (local, vLLM) | chat top_logprobs | generated integers
     mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"

@@ -78,6 +78,8 @@ def simulate_layer(
                     "expected_activations": list(simulation.expected_activations),
                     "mode": simulation.mode,
                     "input_hash": input_hash,
+                    "prompt_tokens": simulation.prompt_tokens,
+                    "completion_tokens": simulation.completion_tokens,
                 }
             )
     return table_frame("simulations", rows), calls, failed

@@ -16,7 +16,7 @@ from neuron_pipeline.lake import read_table, table_frame, table_path, write_tabl
 GOOD_SCORE = 0.8
 
 
-def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame) -> pl.DataFrame:
+def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame, simulations: pl.DataFrame) -> pl.DataFrame:
     if scores.is_empty():
         return table_frame("layer_summary", [])
     texts = explanations.select("neuron", "explainer_id", "explanation", "explainer_model")
@@ -54,6 +54,17 @@ def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame) -> pl.Data
         .agg(baseline_mean_score=pl.col("baseline_score").mean())
     )
     summary = summary.join(floor, on=["explainer_id", "simulator_id"], how="left")
+    explainer_cost = explanations.group_by("explainer_id").agg(
+        explainer_prompt_tokens=pl.col("prompt_tokens").sum(),
+        explainer_completion_tokens=pl.col("completion_tokens").sum(),
+    )
+    simulator_cost = simulations.group_by("explainer_id", "simulator_id").agg(
+        simulator_prompt_tokens=pl.col("prompt_tokens").sum(),
+        simulator_completion_tokens=pl.col("completion_tokens").sum(),
+    )
+    summary = summary.join(explainer_cost, on="explainer_id", how="left").join(
+        simulator_cost, on=["explainer_id", "simulator_id"], how="left"
+    )
     return table_frame("layer_summary", summary)
 
 
@@ -80,7 +91,11 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         for layer in layers:
             where = {"layer": str(layer)}
             frames.append(
-                summarize_layer(read_table(lake, "scores", where=where), read_table(lake, "explanations", where=where))
+                summarize_layer(
+                    read_table(lake, "scores", where=where),
+                    read_table(lake, "explanations", where=where),
+                    read_table(lake, "simulations", where=where, columns=["explainer_id", "simulator_id", "prompt_tokens", "completion_tokens"]),
+                )
             )
         summary = pl.concat(frames)
         report = yield from gate("layer_summary", summary, QualityParams.from_settings(pipeline.settings))

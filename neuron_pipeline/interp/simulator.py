@@ -25,6 +25,8 @@ class SequenceSimulation:
     tokens: tuple[str, ...]
     expected_activations: tuple[float, ...]  # on the 0-10 scale of the explainer's prompt
     mode: str  # how the values were obtained, e.g. "all_at_once_logprobs", "token_lookup"
+    prompt_tokens: int = 0  # what simulating this excerpt cost
+    completion_tokens: int = 0
 
 
 class Simulator(Protocol):
@@ -146,7 +148,9 @@ class AllAtOnceSimulator:
         suffixes, slots = zip(*(excerpt_suffix(tokens) for tokens in excerpts)) if excerpts else ((), ())
         distributions = self.model.value_distributions(self.prefix(explanation), suffixes, slots)
         return [
-            SequenceSimulation(tuple(tokens), tuple(float(v) for v in expected_values(d.probabilities)), self.mode)
+            SequenceSimulation(
+                tuple(tokens), tuple(float(v) for v in expected_values(d.probabilities)), self.mode, d.prompt_tokens
+            )
             for tokens, d in zip(excerpts, distributions)
         ]
 
@@ -194,5 +198,7 @@ class ChatSimulator:
             if values is None:
                 values, _ = parse_simulated_values(text, len(tokens))
                 mode = "chat_integers"
-            results.append(SequenceSimulation(tuple(tokens), tuple(values), mode))
+            results.append(
+                SequenceSimulation(tuple(tokens), tuple(values), mode, response.prompt_tokens, response.completion_tokens)
+            )
         return results

@@ -87,6 +87,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("expected_activations", _floats),
             ("mode", pa.string()),  # how the simulator produced its values
             ("input_hash", pa.string()),  # fingerprint of (explanation, excerpt tokens)
+            ("prompt_tokens", pa.int64()),  # cost of simulating this excerpt (0 for the baseline)
+            ("completion_tokens", pa.int64()),
         ]
     ),
     "scores": pa.schema(
@@ -124,6 +126,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             # Mean score of the no-LLM baseline (baseline explainer + simulator) on the same
             # neurons: the floor each explainer is read against.
             ("baseline_mean_score", pa.float64()),
+            # LLM cost of this layer's explanations and their simulations under this pair.
+            ("explainer_prompt_tokens", pa.int64()),
+            ("explainer_completion_tokens", pa.int64()),
+            ("simulator_prompt_tokens", pa.int64()),
+            ("simulator_completion_tokens", pa.int64()),
         ]
     ),
 }

@@ -22,8 +22,9 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
 
         return LocalLLM(settings.model_or_default, settings.device, settings.dtype, settings.batch_size)
     if settings.backend == "openai":
-        from neuron_pipeline.llm.openai_api import OpenAICompatible
+        from neuron_pipeline.llm.openai_api import OpenAICompatible, check_reachable
 
+        check_reachable(settings.base_url)  # one clear error instead of a layer of failed calls
         return OpenAICompatible(
             settings.model_or_default,
             base_url=settings.base_url,
@@ -37,6 +38,27 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
             usd_per_million_completion=settings.usd_per_million_completion,
         )
     raise ValueError(f"backend {settings.backend!r} has no LLM client")
+
+
+def check_llm_settings(settings: ExplainerSettings | SimulatorSettings) -> None:
+    """What can be checked before any model is loaded or anything is written: the prompt
+    templates, the API key, and that the API server accepts connections. Raises a one-line
+    ``ConfigError`` / ``PromptTemplateError``."""
+    from neuron_pipeline.interp.prompts import load_template
+
+    if settings.backend == "baseline":
+        return
+    if isinstance(settings, ExplainerSettings):
+        load_template(settings.prompt, required=("records",))
+        if settings.revise:
+            load_template(RefiningExplainer.reviser_template, required=("explanation", "records"))
+    else:
+        load_template(settings.prompt, required=("explanation",))
+    if settings.backend == "openai":
+        from neuron_pipeline.llm.openai_api import check_reachable, require_key
+
+        require_key(settings.base_url, settings.api_key_env)
+        check_reachable(settings.base_url)
 
 
 def make_explainer(
@@ -73,4 +95,4 @@ def _make_simulator(settings: SimulatorSettings, cache: LLMCache | None) -> Simu
     return ChatSimulator(chat_model, settings.prompt, use_logprobs=mode == "top_logprobs")
 
 
-__all__ = ["LLMCache", "make_backend", "make_explainer", "make_simulator"]
+__all__ = ["LLMCache", "check_llm_settings", "make_backend", "make_explainer", "make_simulator"]

@@ -92,6 +92,49 @@ _ALPHABET = " ".join("abcdefghijklmnopqrstuvwxyz")
 PROBE_TEXT = f"{_ALPHABET}\n{_ALPHABET}\n{_ALPHABET}\nx\t10\n"
 
 
+def require_key(base_url: str | None, api_key_env: str) -> str | None:
+    """The API key from ``api_key_env``; a one-line ``ConfigError`` when OpenAI's own API (no
+    ``base_url``) is asked for without one. Self-hosted servers may go without a key."""
+    key = os.environ.get(api_key_env) or None
+    if base_url is None and key is None:
+        raise ConfigError(
+            f"set {api_key_env} to your OpenAI API key (or give base_url for a self-hosted OpenAI-compatible server)"
+        )
+    return key
+
+
+class ServerUnreachable(ConfigError):
+    """Nothing answers at the configured base URL: the run would only record failures."""
+
+
+def check_reachable(base_url: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when no server accepts connections at ``base_url`` (a TCP connect
+    to its host and port; nothing is sent). Skipped when a proxy is configured for the URL: the
+    client then connects through the proxy, not directly."""
+    import socket
+    import urllib.request
+
+    url = (base_url or OPENAI_BASE_URL).rstrip("/")
+    shown = _without_userinfo(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"base_url {shown!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000/v1")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"base_url {shown!r} has an invalid port") from None
+    proxies = urllib.request.getproxies()
+    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ServerUnreachable(
+            f"cannot reach the OpenAI-compatible server at {shown} ({reason}): start it, or fix base_url"
+        ) from None
+
+
 class BudgetExceeded(RuntimeError):
     """The token or dollar budget of this client is spent; no further request is sent."""
 
@@ -164,11 +207,7 @@ class OpenAICompatible:
             raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
-        key = os.environ.get(api_key_env) or None
-        if base_url is None and key is None:
-            raise ConfigError(
-                f"set {api_key_env} to your OpenAI API key (or give base_url for a self-hosted OpenAI-compatible server)"
-            )
+        key = require_key(base_url, api_key_env)
         self.model_name = model
         self.base_url = (base_url or OPENAI_BASE_URL).rstrip("/")
         self.api_key_env = api_key_env
