@@ -41,7 +41,8 @@ def select_subset(spec: str, candidates: list[int]) -> list[int]:
     """The candidates named by an "all" / "0-3" / "1,5" spec (indices not captured are ignored)."""
     if str(spec).strip().lower() in ("", "all"):
         return list(candidates)
-    chosen = set(parse_index_spec(spec, max(candidates, default=0) + 1 if candidates else 1, "index")) if candidates else set()
+    # The bound only stops absurd ranges; indices beyond what was captured simply match nothing.
+    chosen = set(parse_index_spec(spec, 1 << 20, "index"))
     return [c for c in candidates if c in chosen]
 
 
