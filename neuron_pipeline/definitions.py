@@ -78,14 +78,20 @@ def build_definitions(
     assets = [_with_platform_attributes(a, settings, versions, recipes) for a in assets]
 
     job_defs = build_jobs(partitions)
+    pipeline = PipelineSettingsResource.from_settings(settings)
+    resources = {
+        "pipeline": pipeline,
+        "subject_model": SubjectModelResource(pipeline=pipeline),
+        "llm": LLMResource(pipeline=pipeline),
+    }
     graph_holder: dict = {}
 
     def asset_graph():
+        # The schedule's view of the assets (code versions as loaded), built on first use.
         if "graph" not in graph_holder:
-            graph_holder["graph"] = dg.Definitions(assets=assets).resolve_asset_graph()
+            graph_holder["graph"] = dg.Definitions(assets=assets, resources=resources).resolve_asset_graph()
         return graph_holder["graph"]
 
-    pipeline = PipelineSettingsResource.from_settings(settings)
     return dg.Definitions(
         assets=assets,
         jobs=job_defs,
@@ -100,11 +106,7 @@ def build_definitions(
                 asset_graph, settings.platform.schedule_cron, settings.platform.schedule_timezone
             )
         ],
-        resources={
-            "pipeline": pipeline,
-            "subject_model": SubjectModelResource(pipeline=pipeline),
-            "llm": LLMResource(pipeline=pipeline),
-        },
+        resources=resources,
         executor=executor_for(settings),
     )
 

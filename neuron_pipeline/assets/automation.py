@@ -3,7 +3,7 @@
 - ``prompt_settings_sensor``: watches the prompt templates (neuron_pipeline/interp/prompts/*.txt)
   and the explainer / simulator settings. Its cursor holds their hashes; when the explainer side
   changes it requests explanations -> simulations -> scores -> layer_summary for every layer whose
-  explanations are materialized (one run per layer, run key = new hash + layer); when only the
+  explanations are materialized (one run per layer, run key = old and new hash + layer); when only the
   simulator side changes, simulations -> scores -> layer_summary. The first tick records the hashes.
 - ``nightly_stale_layers``: on ``platform.schedule_cron`` re-materializes what Dagster reports
   stale, per layer (code version or dependency data version changed), one run per contiguous
@@ -88,7 +88,9 @@ def prompt_settings_sensor(
         layers = _layer_order(context.instance.get_materialized_partitions(dg.AssetKey("explanations")))
         if not layers:
             return dg.SensorResult(skip_reason=f"{what} side changed; no layer is explained yet", cursor=cursor)
-        change = current["explanations"] if what == "explainer" else current["simulations"]
+        side = "explanations" if what == "explainer" else "simulations"
+        # From which hash to which: a retried tick does not launch twice, a later change does.
+        change = f"{previous.get(side, 'none')[:8]}-{current[side][:8]}"
         requests = [
             dg.RunRequest(
                 run_key=f"{what}-{change}-layer-{layer}",

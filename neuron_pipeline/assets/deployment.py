@@ -11,6 +11,7 @@ pools:``). The lake must be shared by all pods: a ReadWriteMany volume mounted a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -21,7 +22,8 @@ from neuron_pipeline.config import Settings
 # The ops (= step names) that hold a model on the accelerator.
 GPU_STEPS = ("capture", "explanations", "simulations")
 LAKE_VOLUME = "lake"
-# Forwarded from the run pod to every step pod, so steps load the same settings.
+# Passed on to every step pod when set where the definitions load, so steps read the same settings
+# (the Helm chart's includeConfigInLaunchedRuns passes the code location's whole env as well).
 FORWARDED_ENV = ["NEURON_PIPELINE_CONFIG", "NEURON_PIPELINE_PROFILE"]
 
 
@@ -48,7 +50,7 @@ def k8s_executor_config(settings: Settings) -> dict[str, Any]:
     k8s = settings.platform.k8s
     config: dict[str, Any] = {
         "max_concurrent": k8s.max_concurrent,
-        "env_vars": list(FORWARDED_ENV),
+        "env_vars": [f"{name}={os.environ[name]}" for name in FORWARDED_ENV if os.environ.get(name)],
         # Steps without a GPU still need room for polars and Great Expectations.
         "step_k8s_config": {
             "container_config": {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}}},

@@ -157,7 +157,9 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "failed_simulations": failures,
                 "neurons_simulated": combined.select("layer", "neuron").n_unique(),
                 **llm.usage(),
-                **cost_metadata(llm.simulators()),
+                "prompt_tokens": int(combined["prompt_tokens"].sum() or 0),
+                "completion_tokens": int(combined["completion_tokens"].sum() or 0),
+                **cost_metadata(llm.simulators(), combined, id_attr="simulator_id"),
                 **lake_metadata(lake, "simulations"),
             },
         )
