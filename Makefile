@@ -42,5 +42,9 @@ test: fetch browser
 dev: fetch
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# Benchmarks: writes BENCHMARKS.md in under 20 minutes on 2 CPU cores (`$(BIN)/python -m bench.run --quick` is a smoke test).
+bench: fetch
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf lake dagster_home

@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 class UserError(Exception):
     """An error the user can fix; printed as one line."""
+
+
+class RunFailed(Exception):
+    """A run stopped by a failed step (e.g. a quality gate); printed as one line, exit status 1."""
 
 
 def _settings(args: argparse.Namespace):
@@ -90,12 +95,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         instance=_instance(),
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
+    faults: dict[str, dict[str, int]] = {}
     try:
         dg.materialize(assets, selection=[corpus_key], **common)
         # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
         # forward pass over the corpus that stops at the range's deepest layer.
         for start, end in _contiguous_ranges(layers):
-            dg.materialize(
+            result = dg.materialize(
                 assets,
                 selection=layer_keys,
                 tags={
@@ -104,11 +110,46 @@ def cmd_run(args: argparse.Namespace) -> int:
                 },
                 **common,
             )
+            _add_faults(faults, result)
         dg.materialize(assets, selection=[viewer_key], **common)  # once, after every range
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
+    except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate
+        raise RunFailed(f"{(exc.description or 'a step failed').splitlines()[0]}{_failed_calls(settings, layers)}") from None
     _print_summary(settings, layers)
+    if any(faults.values()):
+        print("API faults met (retried, or recorded with the neuron): " + "; ".join(
+            f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
+            for role, kinds in faults.items() if kinds
+        ))
     return 0
+
+
+def _add_faults(total: dict[str, dict[str, int]], result) -> None:
+    """Add one run's ``llm_faults`` (per role and kind, from the assets' metadata) to ``total``."""
+    run: dict[str, dict[str, int]] = {}
+    for event in result.get_asset_materialization_events():
+        value = event.materialization.metadata.get("llm_faults")
+        for role, kinds in (getattr(value, "value", None) or {}).items():
+            for kind, count in kinds.items():  # counters only grow within a run: keep the largest
+                run.setdefault(role, {})[kind] = max(run.get(role, {}).get(kind, 0), int(count))
+    for role, kinds in run.items():
+        for kind, count in kinds.items():
+            total.setdefault(role, {})[kind] = total.get(role, {}).get(kind, 0) + count
+
+
+def _failed_calls(settings, layers: list[int]) -> str:
+    """When explanations of the run's layers failed (e.g. every call refused), say so and why."""
+    from neuron_pipeline.lake import read_table
+
+    try:
+        rows = read_table(settings.lake_path, "explanations", where={"layer": [str(layer) for layer in layers]})
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    errors = rows["error"].drop_nulls()
+    if errors.is_empty():
+        return ""
+    return f" ({errors.len()} of {rows.height} explanations failed; the first: {errors[0][:200]})"
 
 
 def _check_lake_folder(lake: Path) -> None:
@@ -330,11 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """Errors that stop a run that was set up right (exit status 1, one line)."""
+    from neuron_pipeline.llm.openai_api import BudgetExceeded, LLMRequestError
+
+    return (RunFailed, LLMRequestError, BudgetExceeded)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from neuron_pipeline.config import ConfigError
     from neuron_pipeline.corpus import CorpusError
     from neuron_pipeline.interp.prompts import PromptTemplateError
     from neuron_pipeline.lake import LakeError
+    from neuron_pipeline.llm.openai_api import PromptLogprobsUnsupported
     from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
 
     return (
@@ -343,6 +392,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CorpusError,
         LakeError,
         PromptTemplateError,
+        PromptLogprobsUnsupported,
         SubjectLoadError,
         UnsupportedModelError,
         NonFiniteActivationsError,
@@ -355,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except _run_failures() as exc:
+        print(f"neuron-pipeline: run failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except _user_errors() as exc:
         print(f"neuron-pipeline: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USER_ERROR

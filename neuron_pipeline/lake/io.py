@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable, Schema, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from neuron_pipeline.lake.schemas import PARTITION_COLUMN, SCHEMAS
@@ -24,10 +24,13 @@ class LakeError(RuntimeError):
     """A lake table cannot be read or written as asked; the message says how to fix it."""
 
 
-# Two writers replacing slices of one table at the same time (two runs of one layer, or of
-# different layers) race on the next Delta version; the loser's commit fails and is retried
-# against the new table state, a bounded number of times with jittered backoff.
-COMMIT_ATTEMPTS = 8
+# Two writers replacing the same slice of one table at the same time (two runs of one layer) race
+# on the next Delta version; the loser's commit fails and the whole write is redone against the
+# new table state, a bounded number of times with jittered backoff. When two writers *create* a
+# table at once, deltalake's own commit retry would rebase the loser's create onto the winner's
+# as a plain add (no conflict found: the loser read nothing) and the slice would hold both
+# writers' rows: creating writes therefore run without it.
+COMMIT_ATTEMPTS = 10
 _COMMIT_BACKOFF_S = 0.05
 _COMMIT_BACKOFF_MAX_S = 2.0
 
@@ -179,7 +182,8 @@ def write_table(
                 raise LakeError(f"rows for {column}={sorted(found - allowed)} fall outside the slice being written")
     rng = random.Random()
     for attempt in range(COMMIT_ATTEMPTS):
-        if DeltaTable.is_deltatable(str(path)):
+        exists = DeltaTable.is_deltatable(str(path))
+        if exists:
             _check_existing_schema(path, table)
         else:
             try:
@@ -194,6 +198,10 @@ def write_table(
                 partition_by=[PARTITION_COLUMN] if partitioned else None,
                 predicate=_predicate(replace_where, table) if replace_where else None,
                 schema_mode=None,
+                # Creating: no rebasing onto a concurrent create (see COMMIT_ATTEMPTS). On an existing
+                # table deltalake's own retry is sound (it checks what the other commit touched) and
+                # saves redoing writes of other slices.
+                commit_properties=None if exists else CommitProperties(max_commit_retries=0),
             )
             break
         except DeltaError as exc:

@@ -7,6 +7,8 @@ any OpenAI-compatible API. LLM calls go through the persistent cache when one is
 
 from __future__ import annotations
 
+import os
+
 from neuron_pipeline.config import ExplainerSettings, SimulatorSettings
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
 from neuron_pipeline.interp.explainer import Explainer, LLMExplainer
@@ -24,7 +26,8 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
     if settings.backend == "openai":
         from neuron_pipeline.llm.openai_api import OpenAICompatible, check_reachable
 
-        check_reachable(settings.base_url)  # one clear error instead of a layer of failed calls
+        # One clear error instead of a layer of failed calls.
+        check_reachable(settings.base_url, api_key=os.environ.get(settings.api_key_env), api_key_env=settings.api_key_env)
         return OpenAICompatible(
             settings.model_or_default,
             base_url=settings.base_url,
@@ -57,8 +60,8 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings) -> None:
     if settings.backend == "openai":
         from neuron_pipeline.llm.openai_api import check_reachable, require_key
 
-        require_key(settings.base_url, settings.api_key_env)
-        check_reachable(settings.base_url)
+        key = require_key(settings.base_url, settings.api_key_env)
+        check_reachable(settings.base_url, api_key=key, api_key_env=settings.api_key_env)
 
 
 def make_explainer(

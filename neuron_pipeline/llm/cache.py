@@ -123,9 +123,13 @@ class CachedChatModel:
             def store(i: int, response: ChatResponse | Exception) -> None:
                 results[i] = response
                 if not isinstance(response, Exception):
-                    self.cache.put(keys[i], self.model_name, "chat", _response_to_json(response))
                     self.new_prompt_tokens += response.prompt_tokens
                     self.new_completion_tokens += response.completion_tokens
+                    # From a server, an answer without any text (no choices, an empty completion) is
+                    # a glitch, not the model's answer: kept out of the cache so a re-run asks again.
+                    glitch = getattr(self.model, "empty_answers_are_glitches", False)
+                    if not glitch or any(text.strip() for text in response.texts):
+                        self.cache.put(keys[i], self.model_name, "chat", _response_to_json(response))
 
             submit = getattr(self.model, "submit_chat", None)
             if submit is not None:

@@ -107,11 +107,15 @@ class ServerUnreachable(ConfigError):
     """Nothing answers at the configured base URL: the run would only record failures."""
 
 
-def check_reachable(base_url: str | None, timeout_s: float = 5.0) -> None:
+def check_reachable(
+    base_url: str | None, timeout_s: float = 5.0, api_key: str | None = None, api_key_env: str = "OPENAI_API_KEY"
+) -> None:
     """Fail fast, in one line, when no server accepts connections at ``base_url`` (a TCP connect
-    to its host and port; nothing is sent). Skipped when a proxy is configured for the URL: the
-    client then connects through the proxy, not directly."""
+    to its host and port), or, given ``api_key``, when the server rejects the key (HTTP 401/403 to
+    ``GET /models``; any other answer, or none, passes: not every server has that route). The TCP
+    check is skipped when a proxy is configured for the URL (the client goes through the proxy)."""
     import socket
+    import urllib.error
     import urllib.request
 
     url = (base_url or OPENAI_BASE_URL).rstrip("/")
@@ -124,15 +128,31 @@ def check_reachable(base_url: str | None, timeout_s: float = 5.0) -> None:
     except ValueError:
         raise ConfigError(f"base_url {shown!r} has an invalid port") from None
     proxies = urllib.request.getproxies()
-    if (proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname):
-        return
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ServerUnreachable(
-            f"cannot reach the OpenAI-compatible server at {shown} ({reason}): start it, or fix base_url"
-        ) from None
+    if not ((proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname)):
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ServerUnreachable(
+                f"cannot reach the OpenAI-compatible server at {shown} ({reason}): start it, or fix base_url"
+            ) from None
+    if api_key:
+
+        class _NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # the key never follows a redirect elsewhere
+                return None
+
+        request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"})
+        try:
+            urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout_s).close()
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code in (401, 403):
+                raise ConfigError(
+                    f"the server at {shown} rejected the API key in {api_key_env} (HTTP {exc.code}): set a valid key"
+                ) from None
+        except (OSError, ValueError):
+            pass  # no verdict: the calls themselves will tell
 
 
 class BudgetExceeded(RuntimeError):
@@ -184,6 +204,9 @@ class EchoFormat:
 
 class OpenAICompatible:
     """Chat and prompt-logprob access to any OpenAI-compatible server (see the module docstring)."""
+
+    # An answer with no text at all is a server glitch (the cache does not keep it; a re-run asks again).
+    empty_answers_are_glitches = True
 
     def __init__(
         self,

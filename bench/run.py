@@ -1,0 +1,267 @@
+"""Run the benchmarks and write BENCHMARKS.md.
+
+    python -m bench.run                 # full run (`make bench`), < 20 min on 2 CPU cores
+    python -m bench.run --quick         # smoke test at toy sizes (writes to a temp folder)
+    python -m bench.run --only lake,api # some sections
+
+Every comparison is a ratio of methods measured side by side in the same process and run,
+with repetitions alternated; a section that fails writes its error into the report and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.common import REPO, Section, load_average, machine_info, run_section, to_json
+
+SECTIONS = {
+    "capture": "1. Capture overhead vs a bare forward pass",
+    "layers": "2. All layers in one pass vs one pass per layer",
+    "simulator": "3. Simulator throughput (all-at-once, local model)",
+    "api": "4. API throughput and explainer prompt size",
+    "lake": "5. Queries at full scale (GPT-2 XL-shaped lake)",
+    "e2e": "6. End to end: the demo pipeline",
+    "gpu": "7. GPU",
+}
+# Execution order: the end-to-end run goes last, with whatever time is left.
+ORDER = ["capture", "layers", "simulator", "lake", "api", "e2e", "gpu"]
+
+FULL = {
+    "budget_s": 19 * 60,
+    "capture_runs": [
+        # The capture-overhead target: bare vs the project's capture vs the prototype fix.
+        {"model": "smollm2", "batch": 32, "sequences": 128, "methods": ["bare", "project", "fast"]},
+        # The common alternatives, on one batch (their memory grows with the corpus: see the notes).
+        {"model": "smollm2", "batch": 32, "sequences": 32, "methods": ["bare", "project", "cache_all", "hidden_states"], "targets": False},
+        {"model": "gpt2-small", "batch": 16, "sequences": 48, "methods": ["bare", "project", "fast"]},
+        {"model": "gpt2-small", "batch": 16, "sequences": 16, "methods": ["bare", "project", "cache_all", "hidden_states"], "targets": False},
+        # torch's default on this machine: 2 intra-op threads (see the header on shared cores).
+        {"model": "smollm2", "batch": 32, "sequences": 64, "methods": ["bare", "project", "fast"], "threads": 2, "targets": False},
+    ],
+    "corpus_sequences": 128,
+    "layers_sequences": 16,
+    "layers_model": "smollm2",
+    "sim_excerpts": 8,
+    "sim_reference": 6,
+    "sim_batch_sizes": [1, 4, 8],
+    "api_requests": 640,
+    "api_reps": 3,
+    "prompt_sequences": 200,
+    "lake": {"layers": 48, "neurons": 6400, "record_layers": 4, "reps": 5},
+    # The full demo (1,200 sequences, SmolLM2 explaining and simulating 6 neurons) takes longer than
+    # the whole bench budget on 2 shared cores: the demo profile on 160 sequences, and the LLM
+    # explainer and simulator on one neuron (layer 0, neuron 0).
+    "e2e_config": "corpus:\n  max_sequences: 160\nexplainers:\n  - backend: baseline\n  - backend: local\n    layers: \"0\"\n    neurons: \"0\"\nsimulators:\n  - backend: baseline\n  - backend: local\n    layers: \"0\"\n    neurons: \"0\"\n",
+    # Seconds kept for the sections after each one (a slow machine skips work rather than overrun).
+    "reserve": {"capture": 560, "layers": 470, "simulator": 380, "lake": 340, "api": 300, "e2e": 5, "gpu": 0},
+    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "e2e": 120, "gpu": 0},
+}
+
+QUICK = {
+    "budget_s": 10 * 60,
+    "capture_runs": [
+        {"model": "gpt2-tiny", "batch": 8, "sequences": 24, "methods": ["bare", "project", "fast", "cache_all", "hidden_states"],
+         "records": {"top_k": 10, "random_k": 5, "quantile_bins": 2, "per_quantile_bin": 1, "quantile_sample_size": 10,
+                     "explain_top": 1, "score_top": 1, "score_random": 1}},
+    ],
+    "corpus_sequences": 24,
+    "layers_sequences": 8,
+    "layers_model": "gpt2-tiny",
+    "sim_excerpts": 2,
+    "sim_reference": 1,
+    "sim_batch_sizes": [1, 2],
+    "api_requests": 128,
+    "api_reps": 1,
+    "prompt_sequences": 32,
+    "lake": {"layers": 3, "neurons": 64, "record_layers": 2, "reps": 2},
+    "e2e_config": "corpus:\n  max_sequences: 48\nlayers: 0-1\nneurons: 0-7\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n",
+    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
+    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
+}
+
+
+def _gpu(section: Section) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        section.add("CUDA device", torch.cuda.get_device_name(0), note="GPU benches are not implemented in this run")
+    else:
+        section.add("GPU", "not available in this task (no CUDA device; the project's device tool is not lent to it)")
+        section.notes.append(
+            "Nothing was measured on a GPU. On one, the capture's per-batch work (statistics, key sorts, "
+            "payload copies) runs on the device next to the forward pass; the same ratios (capture / bare, one pass "
+            "/ per layer, batched / reference simulator) are the figures to take, with randomly initialised GPT-2 "
+            "small/XL configs where the hub is unreachable."
+        )
+
+
+def render(sections: list[Section], info: dict, args, started: datetime, wall: float, load_start: str, load_end: str, quick: bool) -> str:
+    header_path = Path(__file__).with_name("header.md")
+    out = [header_path.read_text().rstrip() + "\n" if header_path.is_file() else "# Benchmarks\n"]
+    if quick:
+        out.append("> **Quick mode** (`--quick`): toy sizes for a smoke test; the figures mean nothing.\n")
+    out.append("## Machine and run\n")
+    out.append("| | |\n|---|---|")
+    out.append(f"| CPU | {info['cpu']} |")
+    out.append(f"| cores / RAM | {info['cores']} / {info['ram']} (from /proc) |")
+    out.append(f"| GPU | {'CUDA available' if info['cuda'] == 'True' else 'none'} |")
+    out.append(f"| torch threads used | {info['torch_threads']} (e2e: torch default) |")
+    out.append(
+        "| versions | python " + info["python"] + ", " + ", ".join(f"{k[2:]} {v}" for k, v in info.items() if k.startswith("v_")) + " |"
+    )
+    out.append(f"| date | {started.strftime('%Y-%m-%d %H:%M UTC')} |")
+    out.append(f"| command | `{' '.join(['python -m bench.run', *sys.argv[1:]])}` (`make bench`) |")
+    out.append(f"| bench wall time | {wall / 60:.1f} min |")
+    out.append(f"| load average (1/5/15 min) at start / end | {load_start} / {load_end} |")
+    out.append("")
+    out.append("## Targets\n")
+    out.append("| section | metric | measured | target | status |\n|---|---|---|---|---|")
+    for section in sections:
+        short = section.title.split(" ", 1)[0]
+        if section.error:
+            out.append(f"| {short} | section failed | {section.error.splitlines()[0][:160]} | | **error** |")
+        for row in section.rows:
+            if row.met is not None:
+                out.append(f"| {short} | {row.metric} | {row.value} | {row.target} | {row.status} |")
+    out.append("")
+    if not quick:
+        from bench.recommend import recommendations
+
+        try:
+            out.append(recommendations({s.key: s for s in sections}))
+        except Exception as exc:  # noqa: BLE001 - the report must still be written
+            out.append(f"## Recommended fixes to project code\n\n(could not be rendered: {type(exc).__name__}: {exc})\n")
+    for section in sections:
+        out.append(f"## {section.title}\n")
+        out.append(f"_Section time: {section.seconds:.0f} s._\n")
+        if section.error:
+            out.append("**This section failed:**\n\n```\n" + section.error.strip() + "\n```\n")
+        if section.rows:
+            out.append("| metric | measured | target | status | note |\n|---|---|---|---|---|")
+            for row in section.rows:
+                out.append(f"| {row.metric} | {row.value} | {row.target} | {row.status} | {row.note} |")
+            out.append("")
+        for table in section.tables:
+            out.append(table + "\n")
+        for note in section.notes:
+            out.append(f"- {note}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test")
+    parser.add_argument("--out", help="report path (default: BENCHMARKS.md; --quick: a temp folder)")
+    parser.add_argument("--only", help=f"comma-separated sections: {','.join(ORDER)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the timed sections (default 1: see the header)")
+    parser.add_argument("--json", help="also dump raw numbers to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = QUICK if args.quick else FULL
+    wanted = ORDER if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}: choose from {', '.join(ORDER)}")
+    tmp = Path(tempfile.mkdtemp(prefix="np-bench-", dir="/tmp"))
+    out_path = Path(args.out) if args.out else (tmp.parent / "np-bench-quick" / "BENCHMARKS.md" if args.quick else REPO / "BENCHMARKS.md")
+    started = datetime.now(timezone.utc)
+    load_start = load_average()
+    start = time.perf_counter()
+    info = machine_info(args.threads)
+    ids_holder: dict = {}
+    deadline = time.monotonic() + sizes["budget_s"]
+    current: dict = {}
+
+    def left() -> float:
+        """Seconds the current section may still use, keeping the later sections' reserve."""
+        return deadline - time.monotonic() - sizes["reserve"][current["key"]]
+
+    def ids() -> Path:
+        if "path" not in ids_holder:
+            from bench.capture_bench import corpus_ids
+
+            ids_holder["path"] = corpus_ids(tmp / "ids.npy", sizes["corpus_sequences"])
+        return ids_holder["path"]
+
+    def capture(section):
+        from bench.capture_bench import run_capture
+
+        run_capture(section, ids(), sizes["capture_runs"], args.threads, left, min_seconds=sizes["min_s"]["capture"])
+
+    def layers(section):
+        from bench.capture_bench import run_layers
+
+        run_layers(section, ids(), sizes["layers_sequences"], args.threads, left, sizes["layers_model"], results.get("capture"))
+
+    def simulator(section):
+        from bench.simulator_bench import run_simulator
+
+        run_simulator(section, sizes["sim_excerpts"], sizes["sim_reference"], sizes["sim_batch_sizes"], args.threads)
+
+    def lake(section):
+        from bench.lake_bench import run_lake
+
+        run_lake(section, tmp / "lake_bench", **sizes["lake"])
+
+    def e2e(section):
+        from bench.e2e_bench import run_e2e
+
+        run_e2e(section, tmp / "e2e", sizes["e2e_config"], left())
+
+    def api(section):
+        from bench.api_bench import prompt_tokens, run_api
+
+        try:
+            run_api(section, concurrency=64, latency_s=0.2, n_requests=sizes["api_requests"], reps=sizes["api_reps"])
+        finally:
+            prompt_tokens(section, sequences=sizes["prompt_sequences"])
+
+    bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu}
+    results: dict[str, Section] = {}
+    try:
+        for key in ORDER:
+            if key not in wanted:
+                continue
+            current["key"] = key
+            if left() < sizes["min_s"][key]:
+                skipped = Section(key, SECTIONS[key])
+                skipped.error = (
+                    f"skipped: {left():.0f} s left in the {sizes['budget_s'] / 60:.0f}-minute budget after keeping "
+                    f"{sizes['reserve'][key]} s for the sections after it (machine too slow or too busy)"
+                )
+                results[key] = skipped
+                continue
+            results[key] = run_section(key, SECTIONS[key], bodies[key])
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sections = [results[k] for k in SECTIONS if k in results]
+    wall = time.perf_counter() - start
+    report = render(sections, info, args, started, wall, load_start, load_average(), args.quick)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(report)
+    if args.json:
+        Path(args.json).write_text(to_json(sections))
+    print(f"[bench] wrote {out_path} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

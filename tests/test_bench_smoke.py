@@ -1,0 +1,104 @@
+"""Smoke tests of the bench's non-timing parts (no timing asserts): the capture methods it
+compares return the same records, the prototype accumulator equals the project's, the synthetic
+lake writer and queries work at a tiny scale, and a failing section lands in the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuron_pipeline.config import RecordsSettings
+from neuron_pipeline.subject.capture import LayerAccumulator, capture_layers
+
+# `bench` is a top-level folder of the repository, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TINY_RECORDS = dict(top_k=6, random_k=4, quantile_bins=3, per_quantile_bin=1, quantile_sample_size=10, explain_top=1, score_top=1, score_random=1)
+
+
+@pytest.mark.parametrize("sample_size", [10, 1000])
+def test_fast_accumulator_equals_project(sample_size):
+    from bench.fast_capture import FastLayerAccumulator
+
+    records = RecordsSettings(**{**TINY_RECORDS, "quantile_sample_size": sample_size})
+    rng = np.random.default_rng(0)
+    neurons = torch.arange(24)
+    project = LayerAccumulator(2, neurons, 8, records, "cpu")
+    fast = FastLayerAccumulator(2, neurons, 8, records, "cpu")
+    for i in range(9):
+        acts = torch.as_tensor(rng.standard_normal((5, 8, 24)), dtype=torch.float32)
+        acts[:, :, :4] = torch.round(acts[:, :, :4])  # ties in the top-k keys
+        acts[:, :, 4:6] = 0.0  # dead neurons: every excerpt ties
+        ids = torch.arange(i * 5, i * 5 + 5)
+        project.update(acts, ids)
+        fast.update(acts, ids)
+    a, b = project.finalize(), fast.finalize()
+    for name in ("mean", "variance", "max", "min", "frac_positive", "quantile_boundaries"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9)
+    for kind in a.samples:
+        for field, value in a.samples[kind].items():
+            np.testing.assert_array_equal(value, b.samples[kind][field], err_msg=f"{kind}.{field}")
+
+
+def test_capture_methods_agree(tmp_path):
+    """Every method the capture bench times returns the project's records (so the ratios compare
+    equal work), and the bench's per-batch driver equals ``capture_layers``."""
+    from bench.capture_methods import Streaming, compare_captures
+    from bench.capture_worker import load_bench_subject, run
+
+    ids = np.random.default_rng(1).integers(0, 1000, (20, 16))
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    out = run(
+        {
+            "model": "gpt2-tiny",
+            "tokens": str(path),
+            "batch": 8,
+            "methods": ["bare", "project", "fast", "cache_all", "hidden_states"],
+            "records": TINY_RECORDS,
+        }
+    )
+    for name in ("fast", "cache_all", "hidden_states"):
+        assert out["methods"][name]["differences"] == [], name
+    assert len(out["methods"]["bare"]["steps"]) == 3
+
+    subject = load_bench_subject("gpt2-tiny")
+    records = RecordsSettings(**TINY_RECORDS)
+    neurons = list(range(subject.num_neurons))
+    driver = Streaming(subject, [0, 2], neurons, records, len(ids), ids.shape[1])
+    driver.setup()
+    for start in range(0, len(ids), 8):
+        driver.step(torch.as_tensor(ids[start : start + 8]), start)
+    expected = capture_layers(subject, ids, [0, 2], neurons, records, batch_size=8)
+    assert compare_captures(expected, driver.finish(), stats_rtol=0) == []
+
+
+def test_synthetic_lake_tiny(tmp_path):
+    from bench.common import Section
+    from bench.lake_bench import run_lake
+
+    section = Section("lake", "lake")
+    run_lake(section, tmp_path, layers=2, neurons=16, record_layers=1, reps=1)
+    assert section.error is None
+    assert section.data["sizes"]["activation_records"] > 0
+    assert set(section.data["query_times"]) == {"top", "neuron", "hist"}
+    assert not (tmp_path / "lake").exists()  # deleted afterwards
+
+
+def test_failing_section_is_reported():
+    from bench.common import run_section
+    from bench.run import render
+
+    def boom(section):
+        section.add("before", "1")
+        raise RuntimeError("no model here")
+
+    section = run_section("x", "9. A failing section", boom)
+    assert section.error.startswith("RuntimeError: no model here")
+    report = render([section], {"cpu": "c", "cores": "2", "ram": "1", "cuda": "False", "torch_threads": "1", "python": "3"},
+                    None, __import__("datetime").datetime.now(), 1.0, "0", "0", quick=True)
+    assert "This section failed" in report and "no model here" in report
