@@ -6,12 +6,15 @@ Each test injects a fault into the real pipeline and checks what survived:
    the explainer's and simulator's requests with 429s (with and without Retry-After), 500/503,
    connection resets, timeouts, truncated JSON or valid JSON without usable content; a layer
    still completes through Dagster, every neuron is explained or carries its error, retries stay
-   bounded, and the run's metadata counts every fault kind exactly.
+   bounded, and the run's metadata counts every fault kind exactly. An API that fails for good
+   ends the run in one line.
 2. Crash and resume: `neuron-pipeline run` is killed with SIGKILL during capture, explanation,
    simulation and scoring, then re-run to completion: no duplicate or missing rows, no paid call
    made twice, every Delta version readable, and the result equals an uninterrupted run.
+   A process killed in the middle of a Delta write leaves the previous slice whole.
 3. Concurrent writers: two processes materialize the same layers at once while a reader polls:
-   both finish, the reader never sees a half-written slice.
+   both finish, the reader never sees a half-written slice; commit conflicts are retried (bounded),
+   and two writers creating a table at once leave one writer's slice, not both.
 4. Bad input: a table of cases, each a one-line error with exit status 2 and nothing written.
 5. Memory: capture's peak memory does not grow with the corpus; LLM answers are stored as they
    arrive, explanations requested in bounded chunks.
@@ -33,7 +36,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import polars as pl
 import pytest
 
@@ -50,12 +52,13 @@ from reliability.lake_checks import (  # noqa: E402
     final_content,
     incomplete_slices,
     record,
+    settings_variables,
     tables_in,
     write_small_corpus,
 )
 from reliability.zygote import Zygote  # noqa: E402
 
-from neuron_pipeline.lake import KEYS, read_table, table_path  # noqa: E402
+from neuron_pipeline.lake import read_table, table_path  # noqa: E402
 from neuron_pipeline.llm.openai_api import PROBE_TEXT  # noqa: E402
 
 KEY_ENV = "NEURON_PIPELINE_RELIABILITY_KEY"
@@ -247,6 +250,8 @@ def test_an_api_failing_for_good_ends_the_run_in_one_line(tmp_path, capsys, monk
     prompt-logprob probe, runs out of retries): one line naming the failure, exit status 1."""
     from neuron_pipeline.cli import EXIT_RUN_FAILED, main
 
+    for key in settings_variables():
+        monkeypatch.delenv(key)
     monkeypatch.setenv(KEY_ENV, "sk-reliability-down")
     with FakeOpenAIServer(max_lifetime_s=300) as fake:
         fake.fault_rates = {"503": 1.0}
@@ -273,7 +278,7 @@ CHILD_ENV = {KEY_ENV: "sk-reliability-crash", "TOKENIZERS_PARALLELISM": "false",
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
+    z = Zygote(tmp_path_factory.mktemp("zygote"), unset=settings_variables())
     yield z
     z.close()
 
@@ -311,7 +316,7 @@ def reference(zygote, tmp_path_factory):
         config = _config(root / "config.yaml", fake)
         fake.script("ok", "429", "503")  # the simulator's probe, then two explainer calls
         started = time.monotonic()
-        pid = zygote.spawn(root / "run.log", argv=_argv(config, root / "lake"), env=CHILD_ENV)
+        pid = zygote.spawn(root / "run.log", argv=_argv(config, root / "lake"), env=CHILD_ENV, unset=settings_variables())
         code = zygote.wait(pid, 600)
         log = (root / "run.log").read_text()
         assert code == 0, log[-3000:]
@@ -338,7 +343,7 @@ class _Run:
     def __init__(self, zygote: Zygote, argv: list[str], log: Path):
         self.zygote, self.log = zygote, log
         self.started = time.monotonic()
-        self.pid = zygote.spawn(log, argv=argv, env=CHILD_ENV)
+        self.pid = zygote.spawn(log, argv=argv, env=CHILD_ENV, unset=settings_variables())
 
     def log_has(self, text: str) -> bool:
         try:
@@ -578,7 +583,10 @@ def test_two_processes_writing_the_same_layers_both_finish_and_readers_see_whole
         reader = _Reader(lake)
         reader.start()
         started = time.monotonic()
-        pids = [zygote.spawn(tmp_path / f"writer{i}.log", argv=_argv(config, lake), env=CHILD_ENV) for i in range(2)]
+        pids = [
+            zygote.spawn(tmp_path / f"writer{i}.log", argv=_argv(config, lake), env=CHILD_ENV, unset=settings_variables())
+            for i in range(2)
+        ]
         codes = [zygote.wait(pid, 600) for pid in pids]
         seconds = time.monotonic() - started
         reader.stop.set()
@@ -932,7 +940,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, inputs, tmp_path, capsys
     from neuron_pipeline.cli import EXIT_USER_ERROR, main
 
     config_text, extra_args, expected, env = BAD_INPUT[case]
-    for key in [k for k in os.environ if k.startswith("NEURON_PIPELINE")]:
+    for key in settings_variables():
         monkeypatch.delenv(key)
     monkeypatch.delenv("NP_RELIABILITY_UNSET_KEY", raising=False)
     for key, value in env.items():

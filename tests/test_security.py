@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import fake_openai  # noqa: E402
 from fake_openai import FakeOpenAIServer  # noqa: E402
-from reliability.lake_checks import record  # noqa: E402
+from reliability.lake_checks import record, settings_variables  # noqa: E402
 
 from neuron_pipeline.interp.prompts import END_MARKER, START_MARKER  # noqa: E402
 from neuron_pipeline.lake import read_table  # noqa: E402
@@ -138,7 +138,7 @@ def secured_run(tmp_path_factory):
     outputs = []
     before = listening_sockets()
     with pytest.MonkeyPatch.context() as patch, FakeOpenAIServer(max_lifetime_s=600) as fake:
-        for key in [k for k in os.environ if k.startswith("NEURON_PIPELINE")]:
+        for key in settings_variables():
             patch.delenv(key)
         patch.setenv("DAGSTER_HOME", str(home))
         patch.setenv(KEY_ENV, SENTINEL)

@@ -42,6 +42,12 @@ def record(section: str, data: dict[str, Any]) -> None:
         os.replace(temporary, ARTIFACT)
 
 
+def settings_variables() -> list[str]:
+    """Environment variables that change the pipeline's settings or Dagster instance (a test run
+    must not pick them up from the developer's shell or `make test`); the model cache stays."""
+    return [k for k in os.environ if k.startswith("NEURON_PIPELINE__") or k in ("NEURON_PIPELINE_CONFIG", "NEURON_PIPELINE_PROFILE", "DAGSTER_HOME")]
+
+
 def tables_in(lake: Path) -> list[str]:
     return [t for t in SCHEMAS if DeltaTable.is_deltatable(str(table_path(lake, t)))]
 

@@ -219,7 +219,8 @@ def serve() -> None:
 class Zygote:
     """Starts the zygote process; ``spawn`` forks a child and returns its pid."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 300):
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None, unset: list[str] | None = None,
+                 ready_timeout_s: float = 300):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._stderr = open(self.log_dir / "zygote.log", "ab")
@@ -229,7 +230,7 @@ class Zygote:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             cwd=str(REPO),
-            env={**os.environ, **(env or {})},
+            env={**{k: v for k, v in os.environ.items() if k not in (unset or [])}, **(env or {})},
         )
         self._lock = threading.Lock()
         self._pids: dict[int, queue.Queue] = {}
