@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CLI runs and `make dev` share one Dagster instance, so the UI shows what the CLI materialized.
-export DAGSTER_HOME := $(CURDIR)/dagster_home
+# `make demo` and `make dev` share one Dagster instance, so the UI shows what the CLI materialized.
+# Tests use their own ephemeral instances (a shared one would share GPU-pool slots across tests).
+DAGSTER_HOME := $(CURDIR)/dagster_home
+demo dev: export DAGSTER_HOME := $(DAGSTER_HOME)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
