@@ -4,9 +4,8 @@ so the bench can interleave them (same batch, methods in rotating order).
 * ``Bare``: the model forward with no capture, stopped at the same depth (a hook on the deepest
   neuron module raises, exactly where ``capture_layers`` stops).
 * ``Streaming``: the project's streaming capture: the same hooks as
-  ``neuron_pipeline.subject.capture.capture_layers`` feeding ``LayerAccumulator`` (or the bench's
-  ``FastLayerAccumulator`` prototype). ``check_streaming_equals_capture_layers`` verifies this
-  driver returns what ``capture_layers`` returns.
+  ``neuron_pipeline.subject.capture.capture_layers`` feeding ``LayerAccumulator``; the bench
+  smoke test checks that this driver returns what ``capture_layers`` returns.
 * ``CacheAll``: TransformerLens-style ``run_with_cache``: hooks store every layer's full
   [tokens x neurons] activations for the whole corpus (stopping at the same depth, like
   ``run_with_cache(stop_at_layer=...)``); at the end, per layer, one sort over the whole corpus
@@ -91,7 +90,10 @@ class Bare(Method):
     name = "bare forward"
 
     def step(self, batch, start):
-        handle = _register(self.subject, self.deepest, lambda hidden: (_ for _ in ()).throw(_Stop()))
+        def stop(hidden):
+            raise _Stop
+
+        handle = _register(self.subject, self.deepest, stop)
         try:
             with torch.inference_mode():
                 self.subject.model(input_ids=batch, use_cache=False)
@@ -104,15 +106,9 @@ class Bare(Method):
 class Streaming(Method):
     name = "streaming capture (project)"
 
-    def __init__(self, *args, accumulator=LayerAccumulator, label: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.accumulator = accumulator
-        if label:
-            self.name = label
-
     def setup(self):
         self.accs = {
-            layer: self.accumulator(layer, self.neuron_index, self.seq_len, self.records, torch.device("cpu"))
+            layer: LayerAccumulator(layer, self.neuron_index, self.seq_len, self.records, torch.device("cpu"), self.n_seq)
             for layer in self.layers
         }
 
@@ -146,7 +142,7 @@ def _tensor_bytes(value) -> int:
 def records_from_full(layer: int, acts: torch.Tensor, neuron_index: torch.Tensor, records: RecordsSettings) -> LayerCapture:
     """Brute force over a whole cached layer [S, T, N]: one selection over every sequence
     (the project's selection code, called once, so tie-breaking and sampling are identical)."""
-    acc = LayerAccumulator(layer, neuron_index, acts.shape[1], records, torch.device("cpu"))
+    acc = LayerAccumulator(layer, neuron_index, acts.shape[1], records, torch.device("cpu"), acts.shape[0])
     acc.update(acts, torch.arange(acts.shape[0], dtype=torch.int64))
     return acc.finalize()
 

@@ -1,7 +1,7 @@
 """Subprocess: load one model, run capture methods interleaved batch by batch, print JSON.
 
     python -m bench.capture_worker '{"model": "smollm2", "tokens": "/tmp/ids.npy", "batch": 32,
-                                     "methods": ["bare", "project", "fast"], "threads": 1}'
+                                     "methods": ["bare", "project"], "threads": 1}'
 
 Each batch of the corpus goes through every method in turn (the order rotates per batch), so
 machine-load changes hit all methods alike; per-method RSS is sampled per phase. One process
@@ -52,18 +52,11 @@ def load_bench_subject(kind: str):
 
 def make_methods(names, subject, layers, neurons, records, n_seq, seq_len):
     from bench.capture_methods import Bare, CacheAll, HiddenStates, Streaming
-    from bench.fast_capture import FastLayerAccumulator
 
     args = (subject, layers, neurons, records, n_seq, seq_len)
     table = {
         "bare": lambda: Bare(*args),
         "project": lambda: Streaming(*args),
-        "fast": lambda: Streaming(*args, accumulator=FastLayerAccumulator, label="streaming capture (bench prototype fix)"),
-        "fast_exact": lambda: Streaming(
-            *args,
-            accumulator=lambda *a: FastLayerAccumulator(*a, fast_stats=False),
-            label="streaming capture (bench prototype, float64 batch statistics)",
-        ),
         "cache_all": lambda: CacheAll(*args),
         "hidden_states": lambda: HiddenStates(*args),
     }
@@ -153,7 +146,6 @@ def run_layers(config: dict) -> dict:
     """All requested layers in one pass vs one ``capture_layers`` call per layer, against bare
     full-depth forward passes interleaved between them."""
     from bench.capture_methods import Bare
-    from bench.fast_capture import fast_capture_layers
     from neuron_pipeline.config import RecordsSettings
     from neuron_pipeline.subject.capture import capture_layers
 
@@ -185,8 +177,8 @@ def run_layers(config: dict) -> dict:
         for layer in chunk:
             out["per_layer"][layer] = timed(lambda: capture_layers(subject, token_ids, [layer], neurons, records, batch_size))
         out["bare"].append(timed(bare_pass))
-        if index == 0:
-            out["one_pass_fast"] = timed(lambda: fast_capture_layers(subject, token_ids, layers, neurons, records, batch_size))
+        if index == 0:  # a second one-pass measurement, between the per-layer chunks
+            out["one_pass_project_2"] = timed(lambda: capture_layers(subject, token_ids, layers, neurons, records, batch_size))
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -37,14 +38,14 @@ ORDER = ["capture", "layers", "simulator", "lake", "api", "e2e", "gpu"]
 FULL = {
     "budget_s": 19 * 60,
     "capture_runs": [
-        # The capture-overhead target: bare vs the project's capture vs the prototype fix.
-        {"model": "smollm2", "batch": 32, "sequences": 128, "methods": ["bare", "project", "fast"]},
+        # The capture-overhead target: bare vs the project's capture.
+        {"model": "smollm2", "batch": 32, "sequences": 128, "methods": ["bare", "project"]},
         # The common alternatives, on one batch (their memory grows with the corpus: see the notes).
         {"model": "smollm2", "batch": 32, "sequences": 32, "methods": ["bare", "project", "cache_all", "hidden_states"], "targets": False},
-        {"model": "gpt2-small", "batch": 16, "sequences": 48, "methods": ["bare", "project", "fast"]},
+        {"model": "gpt2-small", "batch": 16, "sequences": 48, "methods": ["bare", "project"]},
         {"model": "gpt2-small", "batch": 16, "sequences": 16, "methods": ["bare", "project", "cache_all", "hidden_states"], "targets": False},
         # torch's default on this machine: 2 intra-op threads (see the header on shared cores).
-        {"model": "smollm2", "batch": 32, "sequences": 64, "methods": ["bare", "project", "fast"], "threads": 2, "targets": False},
+        {"model": "smollm2", "batch": 32, "sequences": 64, "methods": ["bare", "project"], "threads": 2, "targets": False},
     ],
     "corpus_sequences": 128,
     "layers_sequences": 16,
@@ -68,7 +69,7 @@ FULL = {
 QUICK = {
     "budget_s": 10 * 60,
     "capture_runs": [
-        {"model": "gpt2-tiny", "batch": 8, "sequences": 24, "methods": ["bare", "project", "fast", "cache_all", "hidden_states"],
+        {"model": "gpt2-tiny", "batch": 8, "sequences": 24, "methods": ["bare", "project", "cache_all", "hidden_states"],
          "records": {"top_k": 10, "random_k": 5, "quantile_bins": 2, "per_quantile_bin": 1, "quantile_sample_size": 10,
                      "explain_top": 1, "score_top": 1, "score_random": 1}},
     ],
@@ -235,6 +236,32 @@ def main(argv: list[str] | None = None) -> int:
 
     bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu}
     results: dict[str, Section] = {}
+    interrupted: list[str] = []
+
+    def write_report(final: bool) -> None:
+        sections = [results[k] for k in SECTIONS if k in results]
+        wall = time.perf_counter() - start
+        report = render(sections, info, args, started, wall, load_start, load_average(), args.quick)
+        if not final or interrupted:
+            state = f"interrupted ({interrupted[0]})" if interrupted else "in progress"
+            done = ", ".join(s.key for s in sections) or "none"
+            report = report.replace(
+                "## Machine and run\n",
+                f"> **Partial report: run {state}**; sections finished: {done}.\n\n## Machine and run\n",
+                1,
+            )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = out_path.with_name(out_path.name + ".partial")
+        partial.write_text(report)
+        os.replace(partial, out_path)  # readers never see half a file
+        if args.json:
+            Path(args.json).write_text(to_json(sections))
+
+    def on_signal(signum, frame):  # SIGTERM: stop, but still write what was measured
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not stop the report being written
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         for key in ORDER:
             if key not in wanted:
@@ -249,18 +276,15 @@ def main(argv: list[str] | None = None) -> int:
                 results[key] = skipped
                 continue
             results[key] = run_section(key, SECTIONS[key], bodies[key])
+            write_report(final=False)  # a run stopped later still leaves these figures
+    except KeyboardInterrupt as exc:
+        interrupted.append(str(exc) or "KeyboardInterrupt")
     finally:
+        write_report(final=True)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    sections = [results[k] for k in SECTIONS if k in results]
-    wall = time.perf_counter() - start
-    report = render(sections, info, args, started, wall, load_start, load_average(), args.quick)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(report)
-    if args.json:
-        Path(args.json).write_text(to_json(sections))
-    print(f"[bench] wrote {out_path} ({wall / 60:.1f} min)")
-    return 0
+    print(f"[bench] wrote {out_path} ({(time.perf_counter() - start) / 60:.1f} min)" + (" — INTERRUPTED" if interrupted else ""))
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

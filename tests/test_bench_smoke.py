@@ -1,6 +1,6 @@
 """Smoke tests of the bench's non-timing parts (no timing asserts): the capture methods it
-compares return the same records, the prototype accumulator equals the project's, the synthetic
-lake writer and queries work at a tiny scale, and a failing section lands in the report."""
+compares return the same records, the synthetic lake writer and queries work at a tiny scale,
+and a failing section lands in the report."""
 
 from __future__ import annotations
 
@@ -8,40 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from neuron_pipeline.config import RecordsSettings
-from neuron_pipeline.subject.capture import LayerAccumulator, capture_layers
+from neuron_pipeline.subject.capture import capture_layers
 
 # `bench` is a top-level folder of the repository, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TINY_RECORDS = dict(top_k=6, random_k=4, quantile_bins=3, per_quantile_bin=1, quantile_sample_size=10, explain_top=1, score_top=1, score_random=1)
-
-
-@pytest.mark.parametrize("sample_size", [10, 1000])
-def test_fast_accumulator_equals_project(sample_size):
-    from bench.fast_capture import FastLayerAccumulator
-
-    records = RecordsSettings(**{**TINY_RECORDS, "quantile_sample_size": sample_size})
-    rng = np.random.default_rng(0)
-    neurons = torch.arange(24)
-    project = LayerAccumulator(2, neurons, 8, records, "cpu")
-    fast = FastLayerAccumulator(2, neurons, 8, records, "cpu")
-    for i in range(9):
-        acts = torch.as_tensor(rng.standard_normal((5, 8, 24)), dtype=torch.float32)
-        acts[:, :, :4] = torch.round(acts[:, :, :4])  # ties in the top-k keys
-        acts[:, :, 4:6] = 0.0  # dead neurons: every excerpt ties
-        ids = torch.arange(i * 5, i * 5 + 5)
-        project.update(acts, ids)
-        fast.update(acts, ids)
-    a, b = project.finalize(), fast.finalize()
-    for name in ("mean", "variance", "max", "min", "frac_positive", "quantile_boundaries"):
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9)
-    for kind in a.samples:
-        for field, value in a.samples[kind].items():
-            np.testing.assert_array_equal(value, b.samples[kind][field], err_msg=f"{kind}.{field}")
 
 
 def test_capture_methods_agree(tmp_path):
@@ -58,11 +33,11 @@ def test_capture_methods_agree(tmp_path):
             "model": "gpt2-tiny",
             "tokens": str(path),
             "batch": 8,
-            "methods": ["bare", "project", "fast", "cache_all", "hidden_states"],
+            "methods": ["bare", "project", "cache_all", "hidden_states"],
             "records": TINY_RECORDS,
         }
     )
-    for name in ("fast", "cache_all", "hidden_states"):
+    for name in ("cache_all", "hidden_states"):
         assert out["methods"][name]["differences"] == [], name
     assert len(out["methods"]["bare"]["steps"]) == 3
 
@@ -87,6 +62,18 @@ def test_synthetic_lake_tiny(tmp_path):
     assert section.data["sizes"]["activation_records"] > 0
     assert set(section.data["query_times"]) == {"top", "neuron", "hist"}
     assert not (tmp_path / "lake").exists()  # deleted afterwards
+
+
+def test_api_bench_tiny():
+    """Both clients of the API section run against the fake server and land in its table."""
+    from bench.api_bench import CLIENTS, run_api
+    from bench.common import Section
+
+    section = Section("api", "api")
+    run_api(section, concurrency=4, latency_s=0.01, n_requests=16, reps=1)
+    assert set(section.data["rates"]) == set(CLIENTS) and all(section.data["rates"].values())
+    assert [row.target for row in section.rows] == [">= 90% of ideal", "reference"]
+    assert all(label in section.tables[0] for label in CLIENTS.values())
 
 
 def test_failing_section_is_reported():

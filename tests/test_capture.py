@@ -18,9 +18,11 @@ import transformers
 from neuron_pipeline.config import RecordsSettings, SubjectSettings
 from neuron_pipeline.subject import NonFiniteActivationsError, capture_layers, load_subject
 from neuron_pipeline.subject.architectures import ARCHITECTURES, num_layers, num_neurons
+from neuron_pipeline.subject import capture as capture_module
 from neuron_pipeline.subject.capture import (
     _QUANTILE_OVERSAMPLE,
     LayerAccumulator,
+    bottom_k_members,
     mix64,
     quantile_bin_of,
     sample_keys,
@@ -452,7 +454,7 @@ def test_accumulator_with_many_ties_equals_brute_force(seed):
     acts[:, :, 3] = 1.0
     records = records_settings(top_k=25, random_k=9, quantile_bins=3, per_quantile_bin=2, quantile_sample_size=60,
                               seed=seed + 11)
-    acc = LayerAccumulator(4, torch.tensor(neurons), seq_len, records, "cpu")
+    acc = LayerAccumulator(4, torch.tensor(neurons), seq_len, records, "cpu", n_sequences=n_seq)
     start = 0
     while start < n_seq:
         size = int(rng.integers(1, 30))
@@ -464,8 +466,39 @@ def test_accumulator_with_many_ties_equals_brute_force(seed):
     np.testing.assert_array_equal(got.samples["top"]["sequence_id"][:, 3], np.arange(25))
 
 
+def test_accumulator_refuses_batches_out_of_order():
+    acc = LayerAccumulator(0, torch.tensor([0, 1]), 4, RECORDS, "cpu", n_sequences=10)
+    acc.update(torch.zeros(3, 4, 2), torch.arange(0, 3))
+    with pytest.raises(ValueError, match="in order"):
+        acc.update(torch.zeros(3, 4, 2), torch.arange(4, 7))  # sequence 3 skipped
+    with pytest.raises(ValueError, match="only sequences 0..2 of 10"):
+        acc.finalize()
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 18])  # sequences hashed at once: several chunks, or one
+@pytest.mark.parametrize("n_sequences, k", [(50, 8), (500, 40), (5, 8), (0, 3)])
+def test_bottom_k_members_equal_a_full_sort(monkeypatch, chunk, n_sequences, k):
+    """Planned members (hashed in chunks) are the k smallest keys of the whole corpus, in key order."""
+    monkeypatch.setattr(capture_module, "_SEQUENCE_CHUNK", chunk)
+    monkeypatch.setattr(capture_module, "_KEY_CHUNK", chunk * 2)  # and neurons in blocks
+    neurons = torch.tensor([0, 3, 9])
+    got, got_keys = bottom_k_members(5, 1, 2, neurons, n_sequences, k)
+    assert got.shape == got_keys.shape == (3, k)
+    # Only the first 3 in key order: the same members, the first 3 equal.
+    partly, partly_keys = bottom_k_members(5, 1, 2, neurons, n_sequences, k, ordered=3)
+    np.testing.assert_array_equal(partly[:, :3], got[:, :3])
+    np.testing.assert_array_equal(np.sort(partly.numpy(), 1), np.sort(got.numpy(), 1))
+    np.testing.assert_array_equal(np.sort(partly_keys.numpy(), 1), np.sort(got_keys.numpy(), 1))
+    keys = sample_keys(5, 1, 2, neurons, torch.arange(n_sequences))  # [S, N]
+    for j in range(3):
+        expected = np.argsort(keys[:, j].numpy(), kind="stable")[:k]
+        np.testing.assert_array_equal(got[j, : len(expected)].numpy(), expected)
+        np.testing.assert_array_equal(got_keys[j, : len(expected)].numpy(), keys[expected, j].numpy())
+        assert (got[j, len(expected) :] == -1).all()
+
+
 def test_accumulator_empty_is_an_error():
-    acc = LayerAccumulator(0, torch.tensor([0]), 4, RECORDS, "cpu")
+    acc = LayerAccumulator(0, torch.tensor([0]), 4, RECORDS, "cpu", n_sequences=0)
     with pytest.raises(ValueError, match="no tokens"):
         acc.finalize()
 

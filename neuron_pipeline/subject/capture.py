@@ -9,16 +9,19 @@ For every requested layer, one forward pass over the corpus keeps, per neuron:
   candidate pool from which ``per_quantile_bin`` excerpts per bin are picked at the end.
 
 Uniform samples are "bottom-k sketches": each (layer, neuron, sequence) gets a fixed
-pseudo-random 64-bit key and the k smallest keys are kept. This is a uniform sample without
-replacement, deterministic for a seed, and mergeable batch by batch with the same bounded
-sort-and-keep step as the top-k. Ties are broken by sequence id, so the result equals a
-brute-force sort of the whole corpus. Memory is O(neurons x records x sequence length),
-independent of the corpus size; the forward pass stops after the deepest requested layer.
+pseudo-random 64-bit key and the k smallest keys are kept: a uniform sample without
+replacement, deterministic for a seed. The keys do not depend on activations, so the members
+are computed before the pass and each batch just copies its members' excerpts in; only the
+top-k is merged batch by batch (a bounded sort of the entering candidates). Ties are broken by
+sequence id, so the result equals a brute-force sort of the whole corpus. Memory is
+O(neurons x records x sequence length), independent of the corpus size; the forward pass stops
+after the deepest requested layer. The per-batch work is kept to a few passes over the
+activations (see BENCHMARKS.md: capture costs a few percent of the forward pass).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -31,6 +34,10 @@ _SALT_RANDOM = 1
 _SALT_QUANTILE = 2
 # Candidates kept per quantile bin and per wanted record, so that each bin can be filled.
 _QUANTILE_OVERSAMPLE = 4
+# Keys hashed at once when planning the uniform samples (2 MiB of int64: stays in cache).
+_KEY_CHUNK = 1 << 18
+_SEQUENCE_CHUNK = 1024
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def _signed(value: int) -> int:
@@ -49,61 +56,222 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finalizer on int64 tensors (wrapping arithmetic)."""
+    """SplitMix64 finalizer on int64 tensors (wrapping arithmetic); returns a new tensor."""
     x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+    x ^= _shr(x, 30)
+    x *= _MIX1
+    x ^= _shr(x, 27)
+    x *= _MIX2
+    x ^= _shr(x, 31)
+    return x
+
+
+def _neuron_keys(seed: int, salt: int, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+    """Per-(layer, neuron) part of the sample key: [len(neurons)]."""
+    base = mix64(torch.tensor([seed * 4 + salt], dtype=torch.int64, device=neurons.device))
+    return mix64(neurons.to(torch.int64) + mix64(base + layer))
 
 
 def sample_keys(seed: int, salt: int, layer: int, neurons: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
     """Pseudo-random int64 key per (sequence, neuron): [len(sequence_ids), len(neurons)]."""
-    base = mix64(torch.tensor([seed * 4 + salt], dtype=torch.int64, device=neurons.device))
-    per_layer = mix64(base + layer)
-    per_neuron = mix64(neurons.to(torch.int64) + per_layer)  # [N]
+    per_neuron = _neuron_keys(seed, salt, layer, neurons)
     return mix64(sequence_ids.to(torch.int64)[:, None] + per_neuron[None, :])
 
 
-@dataclass
-class _Reservoir:
-    """Keeps the k rows with the smallest sort key per neuron column, with their payloads."""
+def bottom_k_members(
+    seed: int, salt: int, layer: int, neurons: torch.Tensor, n_sequences: int, k: int, ordered: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per neuron, the ``k`` sequences with the smallest keys: (ids, keys), each
+    [len(neurons), k], padded with -1 / int64 max when the corpus has fewer than k sequences.
+    The first ``ordered`` (default: all) are in key order, the rest in no particular order.
 
-    k: int
-    keys: torch.Tensor  # [k, N]
-    payloads: dict[str, torch.Tensor] = field(default_factory=dict)  # each [k, N] or [k, T, N]
+    The keys depend only on (seed, layer, neuron, sequence id), so a uniform sample's members are
+    known before any activation is seen. Neurons are independent: they are done in blocks, and
+    each block's keys a chunk of sequences at a time, small enough to stay in cache whatever the
+    corpus size; after the first chunk only keys under the current k-th smallest are merged.
+    Keys of one neuron never tie (SplitMix64 is a bijection), so no tie-breaking is needed.
+    """
+    n = len(neurons)
+    device = neurons.device
+    take = min(k, n_sequences)
+    ordered = take if ordered is None else min(ordered, take)
+    ids_out = torch.full((n, k), -1, dtype=torch.int64, device=device)
+    keys_out = torch.full((n, k), _INT64_MAX, dtype=torch.int64, device=device)
+    if take == 0 or n == 0:
+        return ids_out, keys_out
+    per_neuron = _neuron_keys(seed, salt, layer, neurons)[:, None]
+    chunk = min(n_sequences, max(4 * take, _SEQUENCE_CHUNK))
+    block = max(1, _KEY_CHUNK // chunk)
+    for first in range(0, n, block):
+        salts = per_neuron[first : first + block]
+        best_keys = best_ids = None
+        for lo in range(0, n_sequences, chunk):
+            ids = torch.arange(lo, min(lo + chunk, n_sequences), dtype=torch.int64, device=device)
+            keys = mix64(salts + ids[None, :])  # [block, c]
+            ids = ids[None, :].expand(len(salts), -1)
+            if best_keys is not None:
+                m = int((keys < best_keys.amax(1, keepdim=True)).sum(1).max().item())
+                if m == 0:
+                    continue
+                entering = torch.topk(keys, m, dim=1, largest=False, sorted=False).indices
+                keys = torch.cat([best_keys, keys.gather(1, entering)], 1)
+                ids = torch.cat([best_ids, ids.gather(1, entering)], 1)
+            if keys.shape[1] > take:
+                best = torch.topk(keys, take, dim=1, largest=False, sorted=False).indices
+                keys, ids = keys.gather(1, best), ids.gather(1, best)
+            best_keys, best_ids = keys, ids
+        if ordered == take:
+            order = torch.sort(best_keys, dim=1).indices
+        else:  # the smallest `ordered` first, in order; then the others as they are
+            head = torch.topk(best_keys, ordered, dim=1, largest=False, sorted=True).indices
+            rest = torch.ones_like(best_keys, dtype=torch.bool).scatter_(1, head, False)
+            order = torch.cat([head, rest.nonzero()[:, 1].view(len(salts), take - ordered)], 1)
+        rows = slice(first, first + len(salts))
+        ids_out[rows, :take], keys_out[rows, :take] = best_ids.gather(1, order), best_keys.gather(1, order)
+    return ids_out, keys_out
 
-    @classmethod
-    def empty(cls, k: int, n: int, fill_key, key_dtype, payload_shapes: dict, device) -> "_Reservoir":
-        keys = torch.full((k, n), fill_key, dtype=key_dtype, device=device)
-        payloads = {name: torch.full(shape, fill, dtype=dtype, device=device) for name, (shape, dtype, fill) in payload_shapes.items()}
-        return cls(k, keys, payloads)
 
-    def offer(self, new_keys: torch.Tensor, new_payloads: dict[str, torch.Tensor]) -> None:
-        if self.k == 0:
+class _TopReservoir:
+    """The k excerpts with the largest max activation per neuron, merged batch by batch.
+
+    Keys (-max) and a rank -> physical-slot map are kept neuron-major ([N, k]) so every sort runs
+    along a contiguous axis; payloads sit in fixed slots ([N, k, T]: an excerpt is one contiguous
+    row) and are never re-sorted: an entering excerpt is copied once into the slot of the one it
+    evicts. Ties in max activation keep the lower sequence id (stable sorts, batches in id order).
+    """
+
+    def __init__(self, k: int, n: int, seq_len: int, device):
+        self.k = k
+        self.keys = torch.full((n, k), torch.inf, dtype=torch.float32, device=device)
+        self.slot = torch.arange(k, device=device)[None, :].expand(n, k).contiguous()
+        self.sequence_id = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        self.max_activation = torch.full((n, k), float("nan"), dtype=torch.float32, device=device)
+        # Not zero-filled (tens of MB per layer): slots never filled are zeroed in payloads().
+        self.activations = torch.empty((n, k, seq_len), dtype=torch.float32, device=device)
+
+    def offer(self, activations: torch.Tensor, seq_max_t: torch.Tensor, sequence_ids: torch.Tensor) -> None:
+        """activations [B, T, N]; seq_max_t [N, B] (each excerpt's max); sequence_ids [B]."""
+        k = self.k
+        new_keys = -seq_max_t
+        # Only excerpts beating a neuron's current k-th key can enter: sort just that many.
+        m = min(int((new_keys < self.keys[:, -1:]).sum(1).max().item()), new_keys.shape[1])
+        if m == 0:
             return
-        # Only rows that beat the current k-th key somewhere can enter: pre-select at most that
-        # many per column from the batch, so the merge touches (k + m) rows instead of (k + B).
-        threshold = self.keys[-1]
-        entering = int((new_keys < threshold).sum(0).max().item())
-        if entering == 0:
+        batch_order = torch.sort(new_keys, dim=1, stable=True).indices[:, :m]  # [N, m]
+        merged = torch.cat([self.keys, new_keys.gather(1, batch_order)], 1)  # [N, k + m]
+        order = torch.sort(merged, dim=1, stable=True).indices[:, :k]
+        # Merging two sorted lists: candidates 0..e-1 enter, the old ranks k-e..k-1 leave.
+        entrants = (order >= k).sum(1)  # [N]
+        n = new_keys.shape[0]
+        j = torch.arange(m, device=new_keys.device)[None, :]
+        physical = self.slot.gather(1, (k - 1 - j).clamp(min=0).expand(n, m))  # freed slot for candidate j
+        self.keys = merged.gather(1, order)
+        self.slot = torch.cat([self.slot, physical], 1).gather(1, order)
+        cols, ranks = (j < entrants[:, None]).nonzero(as_tuple=True)
+        if len(cols) == 0:
             return
-        m = min(entering, new_keys.shape[0])
-        batch_order = torch.sort(new_keys, dim=0, stable=True).indices[:m]  # [m, N]
-        cand_keys = torch.cat([self.keys, new_keys.gather(0, batch_order)], 0)
-        order = torch.sort(cand_keys, dim=0, stable=True).indices[: self.k]  # [k, N]
-        self.keys = cand_keys.gather(0, order)
-        for name, current in self.payloads.items():
-            incoming = new_payloads[name]
-            picked = incoming.gather(0, _expand_index(batch_order, incoming))
-            merged = torch.cat([current, picked], 0)
-            self.payloads[name] = merged.gather(0, _expand_index(order, merged))
+        slots, rows = physical[cols, ranks], batch_order[cols, ranks]
+        self.sequence_id[cols, slots] = sequence_ids[rows]
+        self.max_activation[cols, slots] = seq_max_t[cols, rows]
+        _store_rows(self.activations, cols, slots, _excerpts(activations, rows, cols))
+
+    def payloads(self) -> dict[str, torch.Tensor]:
+        """Payloads in rank order: sequence_id / max_activation [N, k], activations [N, k, T]."""
+        n, k, t = self.activations.shape
+        rows = (torch.arange(n, device=self.slot.device)[:, None] * k + self.slot).view(-1)
+        sequence_id = self.sequence_id.gather(1, self.slot)
+        activations = self.activations.view(n * k, t).index_select(0, rows).view(n, k, t)
+        activations[sequence_id < 0] = 0.0
+        return {
+            "sequence_id": sequence_id,
+            "max_activation": self.max_activation.gather(1, self.slot),
+            "activations": activations,
+        }
 
 
-def _expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a [rows, N] row index over the middle (token) dimension of a [*, T, N] tensor."""
-    if like.dim() == 2:
-        return index
-    return index[:, None, :].expand(index.shape[0], like.shape[1], index.shape[1])
+class _PlannedSample:
+    """A uniform sample whose members are known up front (``bottom_k_members``): each batch only
+    copies the excerpts that belong to it, once, straight into their final rank."""
+
+    def __init__(self, members: torch.Tensor, seq_len: int):
+        self.sequence_id = members  # [N, k], -1 = unused
+        n, k = members.shape
+        self.max_activation = torch.full((n, k), float("nan"), dtype=torch.float32, device=members.device)
+        self.activations = torch.empty((n, k, seq_len), dtype=torch.float32, device=members.device)
+        self.activations[members < 0] = 0.0  # the only slots no batch fills (fewer sequences than k)
+        # Every (neuron, rank) slot, ordered by the sequence that fills it, to slice per batch.
+        cols, ranks = (members >= 0).nonzero(as_tuple=True)
+        wanted = members[cols, ranks]
+        order = torch.sort(wanted, stable=True).indices
+        self._wanted, self._cols, self._ranks = wanted[order], cols[order], ranks[order]
+
+    def offer(self, activations: torch.Tensor, seq_max_t: torch.Tensor, first_id: int) -> None:
+        bounds = torch.tensor([first_id, first_id + activations.shape[0]], device=self._wanted.device)
+        lo, hi = torch.searchsorted(self._wanted, bounds).tolist()
+        if lo == hi:
+            return
+        rows = self._wanted[lo:hi] - first_id
+        cols, ranks = self._cols[lo:hi], self._ranks[lo:hi]
+        self.max_activation[cols, ranks] = seq_max_t[cols, rows]
+        _store_rows(self.activations, cols, ranks, _excerpts(activations, rows, cols))
+
+    def payloads(self) -> dict[str, torch.Tensor]:
+        return {"sequence_id": self.sequence_id, "max_activation": self.max_activation, "activations": self.activations}
+
+
+class _MaximaSample:
+    """Excerpt maxima of a uniform sample (the bottom-k of the quantile keys), for quantile-bin
+    boundaries. Quantiles ignore order, so each batch appends its members' maxima per neuron;
+    a batch's members are the excerpts whose key is at most the neuron's k-th smallest."""
+
+    def __init__(self, seed: int, layer: int, neurons: torch.Tensor, members: torch.Tensor, keys: torch.Tensor):
+        self.seed, self.layer, self.neurons = seed, layer, neurons
+        n, k = members.shape
+        self.size = int((members[0] >= 0).sum().item()) if n else 0
+        self.threshold = keys[:, : self.size].amax(1, keepdim=True) if self.size else None  # [N, 1]
+        self.maxima = torch.full((n, k), float("nan"), dtype=torch.float32, device=members.device)
+        self.filled = torch.zeros(n, dtype=torch.int64, device=members.device)
+
+    def offer(self, seq_max_t: torch.Tensor, sequence_ids: torch.Tensor) -> None:
+        if self.threshold is None:
+            return
+        keys = sample_keys(self.seed, _SALT_QUANTILE, self.layer, self.neurons, sequence_ids).t()  # [N, B]
+        member = keys <= self.threshold
+        cols, rows = member.nonzero(as_tuple=True)
+        if len(cols) == 0:
+            return
+        position = self.filled[cols] + (member.cumsum(1) - 1)[cols, rows]
+        self.maxima[cols, position] = seq_max_t[cols, rows]
+        self.filled += member.sum(1)
+
+    def values(self) -> torch.Tensor:
+        """[N, size]: every member's maximum (NaN only if a batch was missed)."""
+        return self.maxima[:, : self.size]
+
+
+def _excerpts(activations: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """activations[rows[i], :, cols[i]] for every i: [E, T]."""
+    batch, seq_len, n = activations.shape
+    if len(rows) * 2 > batch * n:
+        # Most excerpts wanted (the first batches): one transpose, then contiguous rows.
+        by_row = activations.transpose(1, 2).reshape(batch * n, seq_len)
+        return by_row.index_select(0, rows * n + cols)
+    return activations[rows, :, cols]
+
+
+def _store_rows(payload: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """payload[cols[i], slots[i]] = rows[i] for a [N, k, T] payload (index_copy_ on the flat view
+    is several times faster than advanced-index assignment)."""
+    n, k, t = payload.shape
+    payload.view(n * k, t).index_copy_(0, cols * k + slots, rows)
+
+
+def _column_sums(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(0) for a [rows, N] float32 matrix; on the CPU as a matrix-vector product, which runs
+    ~10x faster there than torch's reduction over the leading axis."""
+    if x.device.type == "cpu":
+        return torch.ones(1, x.shape[0], dtype=x.dtype) @ x
+    return x.sum(0, keepdim=True)
 
 
 @dataclass
@@ -130,82 +298,77 @@ class NonFiniteActivationsError(ValueError):
 class LayerAccumulator:
     """Bounded-memory per-layer state updated batch by batch (all on the model's device).
 
+    ``n_sequences`` is the corpus size: the uniform samples' members are planned from it. Batches
+    must arrive in sequence-id order as consecutive ranges (as ``capture_layers`` feeds them).
     The float64 running mean and variance live on the CPU when the device is Apple's MPS,
     which has no float64.
     """
 
-    def __init__(self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device):
+    def __init__(self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device, n_sequences: int):
         device = torch.device(device)
         self.layer = layer
         self.neurons = neurons.to(device)
         self.records = records
+        self.n_sequences = n_sequences
         n = len(neurons)
         self.count = 0
+        self.next_id = 0
         self.stats_device = torch.device("cpu") if device.type == "mps" else device
         self.mean = torch.zeros(n, dtype=torch.float64, device=self.stats_device)
         self.m2 = torch.zeros(n, dtype=torch.float64, device=self.stats_device)
         self.max = torch.full((n,), -torch.inf, device=device)
         self.min = torch.full((n,), torch.inf, device=device)
         self.positive = torch.zeros(n, dtype=torch.int64, device=device)
-
-        def excerpt_reservoir(k: int, key_dtype, fill_key) -> _Reservoir:
-            return _Reservoir.empty(
-                k,
-                n,
-                fill_key,
-                key_dtype,
-                {
-                    "sequence_id": ((k, n), torch.int64, -1),
-                    "max_activation": ((k, n), torch.float32, float("nan")),
-                    "activations": ((k, seq_len, n), torch.float32, 0.0),
-                },
-                device,
+        seed = records.seed
+        self.top = _TopReservoir(records.top_k, n, seq_len, device)
+        random_members, _ = bottom_k_members(seed, _SALT_RANDOM, layer, self.neurons, n_sequences, records.random_k)
+        self.random = _PlannedSample(random_members, seq_len)
+        self.quantile_candidates = self.quantile_sample = None
+        if records.quantile_bins:
+            n_candidates = records.quantile_bins * records.per_quantile_bin * _QUANTILE_OVERSAMPLE
+            # The maxima sample and the candidates share keys: candidates are its first members.
+            members, keys = bottom_k_members(
+                seed, _SALT_QUANTILE, layer, self.neurons, n_sequences, max(records.quantile_sample_size, n_candidates),
+                ordered=n_candidates,
             )
-
-        int_max = torch.iinfo(torch.int64).max
-        self.top = excerpt_reservoir(records.top_k, torch.float32, torch.inf)  # key = -max activation
-        self.random = excerpt_reservoir(records.random_k, torch.int64, int_max)
-        n_candidates = records.quantile_bins * records.per_quantile_bin * _QUANTILE_OVERSAMPLE
-        self.quantile_candidates = excerpt_reservoir(n_candidates, torch.int64, int_max)
-        # The maxima sample shares its keys with the candidates, so candidates are a subset of it.
-        self.quantile_sample = _Reservoir.empty(
-            max(records.quantile_sample_size, n_candidates) if records.quantile_bins else 0,
-            n,
-            int_max,
-            torch.int64,
-            {"max_activation": ((max(records.quantile_sample_size, n_candidates), n), torch.float32, float("nan"))},
-            device,
-        )
+            self.quantile_sample = _MaximaSample(seed, layer, self.neurons, members, keys)
+            self.quantile_candidates = _PlannedSample(members[:, :n_candidates].contiguous(), seq_len)
 
     def update(self, activations: torch.Tensor, sequence_ids: torch.Tensor) -> None:
-        """activations: [B, T, N] float32 for the selected neurons; sequence_ids: [B]."""
+        """activations: [B, T, N] float32 for the selected neurons; sequence_ids: [B], the next
+        consecutive ids of the corpus."""
         batch, seq_len, _ = activations.shape
+        first = int(sequence_ids[0])
+        if first != self.next_id or int(sequence_ids[-1]) != first + batch - 1 or first + batch > self.n_sequences:
+            raise ValueError(
+                f"batches must cover sequences 0..{self.n_sequences - 1} in order: got ids "
+                f"{first}..{int(sequence_ids[-1])} after {self.next_id - 1}"
+            )
+        self.next_id = first + batch
         flat = activations.reshape(batch * seq_len, -1)
-        # Chan et al.'s parallel merge of mean and sum of squared deviations.
+        # Chan et al.'s parallel merge: batch mean and sum of squared deviations (two-pass, in
+        # float32 within the batch), merged into the running float64 moments.
         batch_count = flat.shape[0]
-        flat64 = flat.to(self.stats_device).to(torch.float64)
-        batch_mean = flat64.mean(0)
-        batch_m2 = ((flat64 - batch_mean) ** 2).sum(0)
+        mean32 = _column_sums(flat) / batch_count  # [1, N]
+        batch_m2 = _column_sums((flat - mean32).square_())[0].to(self.stats_device).double()
+        batch_mean = mean32[0].to(self.stats_device).double()
         total = self.count + batch_count
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * (batch_count / total)
         self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * batch_count / total)
         self.count = total
-        self.max = torch.maximum(self.max, flat.amax(0))
         self.min = torch.minimum(self.min, flat.amin(0))
-        self.positive += (flat > 0).sum(0)
+        # ceil(clamp(x, 0, 1)) is 1 for x > 0, else 0 (NaN stays NaN and fails finalize): a third
+        # of the cost of summing (x > 0) or sign(x) on the CPU.
+        self.positive += _column_sums(flat.clamp(0, 1).ceil_())[0].round().to(torch.int64)
 
-        seq_max = activations.amax(1)  # [B, N]
-        seq_ids = sequence_ids.to(activations.device)[:, None].expand_as(seq_max)
-        payload = {"sequence_id": seq_ids, "max_activation": seq_max, "activations": activations}
-        self.top.offer(-seq_max, payload)
-        seed = self.records.seed
-        random_keys = sample_keys(seed, _SALT_RANDOM, self.layer, self.neurons, sequence_ids.to(self.neurons.device))
-        self.random.offer(random_keys, payload)
-        if self.records.quantile_bins:
-            quantile_keys = sample_keys(seed, _SALT_QUANTILE, self.layer, self.neurons, sequence_ids.to(self.neurons.device))
-            self.quantile_candidates.offer(quantile_keys, payload)
-            self.quantile_sample.offer(quantile_keys, {"max_activation": seq_max})
+        seq_max_t = activations.amax(1).t().contiguous()  # [N, B]
+        self.max = torch.maximum(self.max, seq_max_t.amax(1))
+        self.top.offer(activations, seq_max_t, sequence_ids.to(activations.device))
+        self.random.offer(activations, seq_max_t, first)
+        if self.quantile_sample is not None:
+            self.quantile_sample.offer(seq_max_t, sequence_ids.to(self.neurons.device))
+            self.quantile_candidates.offer(activations, seq_max_t, first)
 
     def finalize(self) -> LayerCapture:
         if self.count == 0:
@@ -221,21 +384,18 @@ class LayerAccumulator:
                     f"layer {self.layer} produced NaN/inf activations (non-finite {name}; fp16 overflow?): "
                     "capture with subject.dtype float32 or bfloat16"
                 )
+        if self.next_id != self.n_sequences:
+            raise ValueError(f"only sequences 0..{self.next_id - 1} of {self.n_sequences} were captured")
         variance = self.m2 / max(self.count - 1, 1)
         bins = self.records.quantile_bins
-        samples = {
-            "top": _numpy(self.top.payloads),
-            "random": _numpy(self.random.payloads),
-        }
+        samples = {"top": _numpy(self.top.payloads()), "random": _numpy(self.random.payloads())}
         boundaries = np.zeros((max(bins - 1, 0), len(self.neurons)), dtype=np.float32)
         if bins:
-            maxima = self.quantile_sample.payloads["max_activation"]
-            filled = int((~torch.isnan(maxima[:, 0])).sum().item())
-            if filled:
-                qs = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
-                boundaries = torch.quantile(maxima[:filled].cpu().double(), qs, dim=0).float().numpy()
+            maxima = self.quantile_sample.values()
+            qs = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
+            boundaries = torch.quantile(maxima.cpu().double(), qs, dim=1).float().numpy()
             samples["quantile"] = _pick_quantile_records(
-                _numpy(self.quantile_candidates.payloads), boundaries, self.records.per_quantile_bin
+                _numpy(self.quantile_candidates.payloads()), boundaries, self.records.per_quantile_bin
             )
         return LayerCapture(
             layer=self.layer,
@@ -252,7 +412,13 @@ class LayerAccumulator:
 
 
 def _numpy(payloads: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {name: tensor.cpu().numpy() for name, tensor in payloads.items()}
+    """Neuron-major payloads ([N, k], [N, k, T]) as the [k, N] / [k, T, N] arrays of
+    ``LayerCapture``: transposed views, no copy."""
+    out = {}
+    for name, tensor in payloads.items():
+        array = tensor.cpu().numpy()
+        out[name] = array.transpose(1, 2, 0) if array.ndim == 3 else array.T
+    return out
 
 
 def quantile_bin_of(max_activation: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
@@ -314,7 +480,9 @@ def capture_layers(
     neuron_index = torch.tensor(neurons, dtype=torch.long, device=device)
     take_all = len(neurons) == subject.num_neurons and neurons == list(range(subject.num_neurons))
     seq_len = token_ids.shape[1]
-    accumulators = {layer: LayerAccumulator(layer, neuron_index, seq_len, records, device) for layer in layers}
+    accumulators = {
+        layer: LayerAccumulator(layer, neuron_index, seq_len, records, device, n_sequences=len(token_ids)) for layer in layers
+    }
     current_ids: dict[str, torch.Tensor] = {}
     deepest = layers[-1]
 
