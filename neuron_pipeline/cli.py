@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from neuron_pipeline.subject import describe_subject
 
     settings = _settings(args)
-    _check_lake_folder(settings.lake_path)
+    _check_lake_folder(settings.lake_location)
     info = describe_subject(settings.subject)
     layers = parse_index_spec(settings.layers, info.num_layers, "layer")
     parse_index_spec(settings.neurons, info.num_neurons, "neuron")
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _preflight(settings)
     print(
         f"neuron-pipeline: {info.model_id} ({info.num_layers} layers x {info.num_neurons} neurons), "
-        f"layers {settings.layers}, neurons {settings.neurons}, lake {settings.lake_path}",
+        f"layers {settings.layers}, neurons {settings.neurons}, lake {settings.lake_location}",
         flush=True,
     )
     defs = build_definitions(settings)
@@ -143,7 +143,7 @@ def _failed_calls(settings, layers: list[int]) -> str:
     from neuron_pipeline.lake import read_table
 
     try:
-        rows = read_table(settings.lake_path, "explanations", where={"layer": [str(layer) for layer in layers]})
+        rows = read_table(settings.lake_location, "explanations", where={"layer": [str(layer) for layer in layers]})
     except Exception:  # noqa: BLE001 - only a hint
         return ""
     errors = rows["error"].drop_nulls()
@@ -152,10 +152,11 @@ def _failed_calls(settings, layers: list[int]) -> str:
     return f" ({errors.len()} of {rows.height} explanations failed; the first: {errors[0][:200]})"
 
 
-def _check_lake_folder(lake: Path) -> None:
-    """The lake must be a folder, or not exist yet."""
-    if lake.exists() and not lake.is_dir():
-        raise UserError(f"lake {lake} is a file, not a folder: point --lake at a folder")
+def _check_lake_folder(lake) -> None:
+    """A local lake must be a folder, or not exist yet."""
+    folder = lake.folder
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise UserError(f"lake {folder} is a file, not a folder: point --lake at a folder")
 
 
 def _preflight(settings) -> None:
@@ -165,8 +166,8 @@ def _preflight(settings) -> None:
     from neuron_pipeline.lake import SCHEMAS, check_table_schema
     from neuron_pipeline.llm import check_llm_settings
 
-    for table in SCHEMAS:
-        check_table_schema(settings.lake_path, table)
+    for table in SCHEMAS:  # on object storage this is also the check that the lake can be reached
+        check_table_schema(settings.lake_location, table)
     for llm_settings in [*settings.explainers, *settings.simulators]:
         check_llm_settings(llm_settings)
 
@@ -178,7 +179,7 @@ def _print_summary(settings, layers: list[int]) -> None:
 
     from neuron_pipeline.lake import read_table
 
-    summary = read_table(settings.lake_path, "layer_summary", where={"layer": [str(layer) for layer in layers]})
+    summary = read_table(settings.lake_location, "layer_summary", where={"layer": [str(layer) for layer in layers]})
     console = Console(width=max(Console().width, 150))
     table = Table(title=f"neuron-pipeline summary: {summary['model'][0] if summary.height else ''}")
     for column in (
@@ -219,11 +220,11 @@ def _print_summary(settings, layers: list[int]) -> None:
         f"{tokens['explainer_completion_tokens']:,} completion; simulators {tokens['simulator_prompt_tokens']:,} prompt + "
         f"{tokens['simulator_completion_tokens']:,} completion (repeat runs are served from the LLM cache)"
     )
-    console.print(f"lake:   {settings.lake_path}")
-    console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_path}")
+    console.print(f"lake:   {settings.lake_location}")
+    console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_location}")
     from neuron_pipeline.viewer import default_viewer_dir
 
-    viewer_index = default_viewer_dir(settings.lake_path) / "index.html"
+    viewer_index = default_viewer_dir(settings.lake_location) / "index.html"
     if viewer_index.is_file():
         console.print(f"viewer: {viewer_index}")
 
@@ -235,7 +236,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from neuron_pipeline.lake import read_table
 
     settings = _settings(args)
-    lake = settings.lake_path
+    lake = settings.lake_location
     where = {"layer": str(args.layer), "neuron": args.neuron}
     records = read_table(lake, "activation_records", where=where)
     if records.is_empty():
@@ -274,7 +275,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from neuron_pipeline.lake.sql import connect
 
     settings = _settings(args)
-    con = connect(settings.lake_path)
+    con = connect(settings.lake_location)
     try:
         relation = con.sql(args.sql)
     except duckdb.Error as exc:
@@ -305,7 +306,7 @@ def cmd_viewer(args: argparse.Namespace) -> int:
     from neuron_pipeline.viewer import build_viewer, default_viewer_dir
 
     settings = _settings(args)
-    lake = settings.lake_path
+    lake = settings.lake_location
     if not any(table_exists(lake, table) for table in SCHEMAS):
         raise UserError(f"no lake tables in {lake}: run `neuron-pipeline run` first, or point --lake at a lake")
     out = Path(args.out).expanduser().resolve() if args.out else default_viewer_dir(lake)
@@ -332,7 +333,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (see README)")
     parser.add_argument("--profile", help="named profile: demo (default) or paper")
-    parser.add_argument("--lake", help="lake folder (default ./lake)")
+    parser.add_argument("--lake", help="lake folder (default ./lake) or object-store URI (s3://bucket/prefix, gs://…, az://…)")
 
 
 def build_parser() -> argparse.ArgumentParser:

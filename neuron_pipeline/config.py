@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from neuron_pipeline.lake.location import Lake
 
 ENV_PREFIX = "NEURON_PIPELINE__"
 # Used by `definitions.py` (and so `dagster dev`) to find the settings without CLI flags.
@@ -170,8 +173,8 @@ class KubernetesSettings(_Section):
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     )
-    # A ReadWriteMany PersistentVolumeClaim mounted at `lake` in every step pod (the lake io takes
-    # file-system paths: shared storage is a volume, e.g. EFS, Filestore or Azure Files).
+    # With a local-folder lake: a ReadWriteMany PersistentVolumeClaim mounted at `lake` in every
+    # step pod (EFS, Filestore, Azure Files). An object-store lake (s3://, gs://, az://) needs none.
     lake_volume_claim: str | None = None
     # Secrets whose keys become environment variables of every step (e.g. OPENAI_API_KEY).
     env_secrets: list[str] = Field(default_factory=list)
@@ -209,12 +212,54 @@ class Settings(_Section):
     neurons: str = "all"
     explainers: list[ExplainerSettings] = Field(default_factory=lambda: [ExplainerSettings()], min_length=1)
     simulators: list[SimulatorSettings] = Field(default_factory=lambda: [SimulatorSettings()], min_length=1)
+    # A local folder, or object storage: s3://bucket/prefix, gs://bucket/prefix,
+    # az://container/prefix, abfss://container@account.dfs.core.windows.net/prefix.
     lake: str = "./lake"
+    # deltalake storage options of an object-store lake, none of them secret: endpoint, region,
+    # allow_http, the commit-safety choice (lake/location.py). Credentials come from the
+    # environment (AWS_*, GOOGLE_*, AZURE_*): a credential-looking key here is an error.
+    lake_storage_options: dict[str, str] = Field(default_factory=dict)
     platform: PlatformSettings = PlatformSettings()
 
+    @field_validator("lake_storage_options", mode="before")
+    @classmethod
+    def _options_without_credentials(cls, value: Any) -> Any:
+        from neuron_pipeline.lake.location import LakeError, storage_options_of
+
+        if not isinstance(value, Mapping):
+            return value  # pydantic reports the type
+        try:
+            return storage_options_of(value)
+        except LakeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("lake")
+    @classmethod
+    def _lake_is_a_folder_or_uri(cls, value: str) -> str:
+        from neuron_pipeline.lake.location import Lake, LakeError
+
+        try:
+            Lake.of(value)
+        except LakeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _volume_only_for_a_folder(self) -> "Settings":
+        if self.platform.k8s.lake_volume_claim and self.lake_location.folder is None:
+            raise ValueError(
+                f"platform.k8s.lake_volume_claim mounts a volume at a lake folder, but the lake is {self.lake_location}: "
+                "remove lake_volume_claim (step pods reach an object-store lake directly)"
+            )
+        return self
+
     @property
-    def lake_path(self) -> Path:
-        return Path(self.lake).expanduser().resolve()
+    def lake_location(self) -> "Lake":
+        """Where the lake is (a folder, resolved against the current directory, or a URI) with its
+        storage options: what the lake io, the SQL views and the viewer take."""
+        from neuron_pipeline.lake.location import Lake
+
+        return Lake.of(self.lake, self.lake_storage_options)
 
 
 def parse_index_spec(spec: str | int | None, size: int, what: str) -> list[int]:

@@ -41,7 +41,7 @@ def _with_platform_attributes(
         if name in SCHEMAS:
             metadata["dagster/table_name"] = name
             metadata["dagster/column_schema"] = _column_schema(name)
-            metadata["dagster/uri"] = str(table_path(settings.lake_path, name))
+            metadata["dagster/uri"] = table_path(settings.lake_location, name)
         metadata["recipe"] = dg.MetadataValue.json(recipes.get(stage_of.get(name, ""), {}))
         return spec.replace_attributes(
             code_version=versions.get(spec.key, spec.code_version),

@@ -80,11 +80,12 @@ def test_settings_defaults_without_profile():
     assert settings.lake == "./lake"
 
 
-def test_lake_path_is_absolute_and_expands_home(monkeypatch, tmp_path):
+def test_lake_folder_is_absolute_and_expands_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = Settings(lake="~/my-lake")
-    assert settings.lake_path == (tmp_path / "my-lake").resolve()
-    assert Settings(lake="relative/lake").lake_path == (Path.cwd() / "relative" / "lake").resolve()
+    assert settings.lake_location.folder == (tmp_path / "my-lake").resolve()
+    assert Settings(lake="relative/lake").lake_location.folder == (Path.cwd() / "relative" / "lake").resolve()
+    assert str(settings.lake_location) == str((tmp_path / "my-lake").resolve())
 
 
 def test_settings_are_frozen():

@@ -73,7 +73,7 @@ def test_every_table_but_corpus_is_partitioned_by_a_string_layer():
 
 
 def test_table_path_and_unknown_table(tmp_path):
-    assert table_path(tmp_path, "scores") == tmp_path / "scores"
+    assert table_path(tmp_path, "scores") == str(tmp_path / "scores")
     with pytest.raises(LakeError) as excinfo:
         table_path(tmp_path, "score")
     assert "'score'" in str(excinfo.value) and "scores" in str(excinfo.value)

@@ -47,7 +47,7 @@ def test_local_llm_explains_simulates_and_scores_next_to_the_baseline(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     _run(defs, ["corpus_tokens"], instance)
     first = _run(defs, LAYER_ASSETS, instance, partition_key="0")
-    lake = settings.lake_path
+    lake = settings.lake_location.folder
 
     explanations = read_table(lake, "explanations")
     llm_rows = explanations.filter(pl.col("explainer_id").str.starts_with("llm-"))

@@ -53,7 +53,7 @@ def test_materialize_one_layer_fills_every_table(tmp_path):
     assert _materialize(defs, ["corpus_tokens"], instance=instance).success
     result = _materialize(defs, LAYER_ASSETS, partition_key="1", instance=instance)
     assert result.success
-    lake = settings.lake_path
+    lake = settings.lake_location.folder
     records = settings.records
 
     corpus = pl.read_delta(str(table_path(lake, "corpus_tokens")))
@@ -165,7 +165,7 @@ def test_layer_range_is_one_forward_pass_and_single_layer_stops_early(tmp_path):
         assert result.success
         # Three layers, one pass: each layer ran once per batch, and nothing past layer 2 ran.
         assert counter.calls == {0: batches, 1: batches, 2: batches, 3: 0}
-        stats = read_table(settings.lake_path, "neuron_activations")
+        stats = read_table(settings.lake_location.folder, "neuron_activations")
         assert sorted(stats["layer"].unique().to_list()) == ["0", "1", "2"]
 
         counter.calls = {layer: 0 for layer in counter.calls}
@@ -193,7 +193,7 @@ def test_rematerializing_with_nothing_changed_makes_no_new_explainer_calls(tmp_p
     assert new_calls(first, "simulations", "new_simulations") == 8
     assert new_calls(second, "simulations", "new_simulations") == 0
     # The kept rows are the same rows, not recomputed ones.
-    explanations = read_table(settings.lake_path, "explanations")
+    explanations = read_table(settings.lake_location.folder, "explanations")
     assert explanations.height == 8
 
 
@@ -235,6 +235,6 @@ def test_quality_gate_stops_bad_rows_before_they_land(tmp_path, monkeypatch):
     from neuron_pipeline.lake import table_exists
 
     for table in LAYER_ASSETS:
-        assert not table_exists(settings.lake_path, table), table
+        assert not table_exists(settings.lake_location.folder, table), table
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == set()

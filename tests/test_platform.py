@@ -156,7 +156,9 @@ def test_gpu_tags_and_k8s_executor_validate_against_dagster_k8s(tmp_path):
     executor_config = k8s_executor_config(cluster)
     checked = validate_config(k8s_job_executor.config_schema.config_type, executor_config)
     assert checked.success, checked.errors
-    assert executor_config["volume_mounts"] == [{"name": "lake", "mount_path": "/lake"}]
+    # The cluster's lake is in object storage: no volume, the credentials from a secret.
+    assert "volumes" not in executor_config and "volume_mounts" not in executor_config
+    assert "neuron-pipeline-lake-credentials" in executor_config["env_secrets"]
 
     # The pod a GPU step gets, as the k8s step handler builds it: executor config, then step tags.
     config = checked.value
@@ -180,11 +182,17 @@ def test_gpu_tags_and_k8s_executor_validate_against_dagster_k8s(tmp_path):
     assert container.resources.requests["nvidia.com/gpu"] == "1" and container.resources.requests["memory"] == "4Gi"
     assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
     assert [(t.key, t.operator, t.effect) for t in pod.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
-    assert pod.volumes[0].persistent_volume_claim.claim_name == "neuron-pipeline-lake"
-    assert container.volume_mounts[0].mount_path == "/lake"
+    assert not pod.volumes
+    assert {e.secret_ref.name for e in container.env_from} == {"neuron-pipeline-llm-keys", "neuron-pipeline-lake-credentials"}
+
+    # The alternative, a lake folder on a ReadWriteMany volume mounted at the lake in every step pod.
+    k8s_settings = small_settings(tmp_path / "lake", platform={"executor": "k8s", "k8s": {"lake_volume_claim": "lake"}})
+    volume_config = k8s_executor_config(k8s_settings)
+    assert validate_config(k8s_job_executor.config_schema.config_type, volume_config).success
+    assert volume_config["volumes"] == [{"name": "lake", "persistent_volume_claim": {"claim_name": "lake"}}]
+    assert volume_config["volume_mounts"] == [{"name": "lake", "mount_path": str(tmp_path / "lake")}]
 
     # platform.executor: k8s puts the configured k8s_job_executor on every job.
-    k8s_settings = small_settings(tmp_path / "lake", platform={"executor": "k8s", "k8s": {"lake_volume_claim": "lake"}})
     assert executor_for(k8s_settings).name == "k8s"
     defs = build_definitions(k8s_settings)
     assert defs.resolve_job_def(jobs.EXPLAIN_JOB).executor_def.name == "k8s"
@@ -219,10 +227,16 @@ def test_deploy_files_are_valid_instance_and_helm_config(tmp_path):
     [deployment] = values["dagster-user-deployments"]["deployments"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "neuron_pipeline.definitions"]
     settings = _cluster_settings()
-    claim = {v["name"]: v for v in deployment["volumes"]}["lake"]["persistentVolumeClaim"]["claimName"]
-    assert claim == settings.platform.k8s.lake_volume_claim
-    mounts = {m["name"]: m["mountPath"] for m in deployment["volumeMounts"]}
-    assert mounts["lake"] == settings.lake
+    # The lake is in object storage; the code location and run pods get its credentials from the
+    # same secret as the step pods, and no lake volume.
+    assert settings.lake_location.folder is None and settings.lake.startswith("s3://")
+    assert not settings.platform.k8s.lake_volume_claim
+    assert "lake" not in {v["name"] for v in deployment["volumes"]}
+    secrets = {e["name"] for e in deployment["envSecrets"]}
+    assert secrets == set(settings.platform.k8s.env_secrets) == set(instance["run_launcher"]["config"]["env_secrets"])
+    assert "lake" not in {v["name"] for v in instance["run_launcher"]["config"]["volumes"]}
+    pvc = yaml.safe_load((ROOT / "deploy" / "k8s" / "lake-pvc.yaml").read_text())  # the volume alternative
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert settings.platform.executor == "k8s"
 
 
@@ -305,7 +319,7 @@ def test_check_results_show_expectations_evaluated(materialized):
 
 
 def test_materialization_metadata_tells_the_story(materialized):
-    lake = materialized["settings"].lake_path
+    lake = materialized["settings"].lake_location.folder
     events = {}
     for event in materialized["result"].get_asset_materialization_events():
         events[(event.asset_key.to_user_string(), event.materialization.partition)] = event.materialization.metadata
@@ -348,7 +362,7 @@ def test_materialization_metadata_tells_the_story(materialized):
 
 def test_prompt_or_explainer_change_makes_explain_side_stale_not_capture(materialized, tmp_path):
     home = materialized["root"] / "home"
-    lake = materialized["settings"].lake_path
+    lake = materialized["settings"].lake_location.folder
     with _instance(home) as instance:
         assert set(_statuses(instance, materialized["defs"]).values()) <= {"FRESH", "MISSING"}
         assert _statuses(instance, materialized["defs"])["neuron_viewer"] == "MISSING"
@@ -388,7 +402,7 @@ def test_prompt_or_explainer_change_makes_explain_side_stale_not_capture(materia
 
 
 def test_corpus_or_model_change_makes_everything_stale(materialized):
-    lake = materialized["settings"].lake_path
+    lake = materialized["settings"].lake_location.folder
     with _instance(materialized["root"] / "home") as instance:
         changed = build_definitions(small_settings(lake, layers="0-1", corpus={"max_sequences": 40}))
         statuses = _statuses(instance, changed)

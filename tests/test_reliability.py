@@ -145,7 +145,7 @@ def test_a_layer_completes_with_30_percent_of_api_calls_faulty(tmp_path, monkeyp
         api = _api(fake, max_retries=MAX_RETRIES, timeout_s=TIMEOUT_S)
         corpus = {"source": str(write_small_corpus(tmp_path / "corpus")), "max_sequences": 48}
         settings = small_settings(tmp_path / "lake", layers="0", corpus=corpus, explainers=[api], simulators=[api])
-        lake = settings.lake_path
+        lake = settings.lake_location.folder
         defs = build_definitions(settings)
         instance = dg.DagsterInstance.ephemeral()
         _materialize(defs, ["corpus_tokens"], instance)

@@ -140,15 +140,15 @@ def test_variants_run_through_the_pipeline_against_an_openai_compatible_server(t
             assert result.success
         chat_requests = fake.posts("/chat/completions")
 
-    explanations = read_table(settings.lake_path, "explanations")
+    explanations = read_table(settings.lake_location.folder, "explanations")
     refined = explanations.filter(pl.col("explainer_id").str.starts_with("llm-"))
     assert refined.height == 3 and refined["error"].null_count() == 3
     assert refined["explanation"].str.contains("word").all()
     # Three candidates were asked for in one request per neuron, then one revision each.
     assert sorted(r.body.get("n", 1) for r in chat_requests) == [1, 1, 1, 3, 3, 3]
-    simulations = read_table(settings.lake_path, "simulations")
+    simulations = read_table(settings.lake_location.folder, "simulations")
     assert set(simulations["kind"].unique()) == {"top", "random", "calibration"}
     assert set(simulations["mode"].unique()) == {"all_at_once_logprobs"}
-    scores = read_table(settings.lake_path, "scores")
+    scores = read_table(settings.lake_location.folder, "scores")
     assert scores["simulator_id"].str.starts_with("calibrated-").all()
     assert scores.height == 6  # 3 neurons x (baseline + refined explanations)

@@ -5,8 +5,9 @@
 ``dagster-k8s/config`` tags that ask for a GPU and tolerate GPU nodes' taint; with the
 ``K8sRunLauncher`` (deploy/k8s/) every layer partition is its own run, so layers run in parallel
 on as many GPU nodes as the ``gpu`` concurrency pool allows (instance config, ``concurrency:
-pools:``). The lake must be shared by all pods: a ReadWriteMany volume mounted at the lake path
-(``platform.k8s.lake_volume_claim``), because the lake io takes file-system paths.
+pools:``). The lake must be shared by all pods: object storage (``lake: s3://…``, ``gs://…``,
+``az://…``; credentials from the pods' environment, e.g. ``env_secrets`` or workload identity),
+or a ReadWriteMany volume mounted at a local lake folder (``platform.k8s.lake_volume_claim``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def gpu_op_tags(settings: Settings) -> dict[str, Any]:
 
 
 def k8s_executor_config(settings: Settings) -> dict[str, Any]:
-    """Config of dagster-k8s's ``k8s_job_executor``: one pod per step, the lake volume in each."""
+    """Config of dagster-k8s's ``k8s_job_executor``: one pod per step (the lake volume in each
+    when the lake is a folder on a volume)."""
     k8s = settings.platform.k8s
     config: dict[str, Any] = {
         "max_concurrent": k8s.max_concurrent,
@@ -64,7 +66,7 @@ def k8s_executor_config(settings: Settings) -> dict[str, Any]:
         config["env_secrets"] = list(k8s.env_secrets)
     if k8s.lake_volume_claim:
         config["volumes"] = [{"name": LAKE_VOLUME, "persistent_volume_claim": {"claim_name": k8s.lake_volume_claim}}]
-        config["volume_mounts"] = [{"name": LAKE_VOLUME, "mount_path": str(settings.lake_path)}]
+        config["volume_mounts"] = [{"name": LAKE_VOLUME, "mount_path": str(settings.lake_location.folder)}]
     return config
 
 

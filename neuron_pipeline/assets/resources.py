@@ -1,14 +1,16 @@
 """Dagster resources: the run's settings, the subject model, and the explainer/simulator LLMs."""
 
-
+import hashlib
+import re
 from pathlib import Path
 
 import dagster as dg
 from pydantic import PrivateAttr
 
-from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings
+from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings, cache_dir
 from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.simulator import Simulator
+from neuron_pipeline.lake import Lake
 from neuron_pipeline.llm import LLMCache, make_explainer, make_simulator
 from neuron_pipeline.subject import Subject, load_subject
 
@@ -16,7 +18,8 @@ from neuron_pipeline.subject import Subject, load_subject
 class PipelineSettingsResource(dg.ConfigurableResource):
     """The validated settings (config.py) the definitions were built from, as JSON.
 
-    They hold no secrets: API keys are named by environment variable, never stored."""
+    They hold no secrets: API keys and object-store credentials are read from environment
+    variables, never stored."""
 
     settings_json: str
     _settings: Settings | None = PrivateAttr(default=None)
@@ -28,8 +31,8 @@ class PipelineSettingsResource(dg.ConfigurableResource):
         return self._settings
 
     @property
-    def lake(self) -> Path:
-        return self.settings.lake_path
+    def lake(self) -> Lake:
+        return self.settings.lake_location
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "PipelineSettingsResource":
@@ -60,7 +63,7 @@ class SubjectModelResource(dg.ConfigurableResource):
 
 class LLMResource(dg.ConfigurableResource):
     """Builds the configured explainers and simulators (baseline, local model, or API), with
-    every LLM call going through the persistent cache next to the lake."""
+    every LLM call going through the persistent cache (``llm_cache_path``)."""
 
     pipeline: PipelineSettingsResource
     _explainers: list | None = PrivateAttr(default=None)
@@ -70,7 +73,7 @@ class LLMResource(dg.ConfigurableResource):
     @property
     def cache(self) -> LLMCache:
         if self._cache is None:
-            self._cache = LLMCache(self.pipeline.lake / "_llm_cache" / "calls.sqlite")
+            self._cache = LLMCache(llm_cache_path(self.pipeline.lake))
         return self._cache
 
     def explainers(self) -> list[tuple[ExplainerSettings, Explainer]]:
@@ -114,6 +117,15 @@ class LLMResource(dg.ConfigurableResource):
                     total[kind] = total.get(kind, 0) + int(count)
             out[role] = dict(sorted(total.items()))
         return out
+
+
+def llm_cache_path(lake: Lake) -> Path:
+    """The SQLite LLM cache: inside a local lake; for an object-store lake (SQLite cannot live
+    there) in this machine's cache folder (``NEURON_PIPELINE_CACHE``), one per lake URI."""
+    if lake.folder is not None:
+        return lake.folder / "_llm_cache" / "calls.sqlite"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", lake.root)[:80] + "-" + hashlib.sha256(lake.root.encode()).hexdigest()[:8]
+    return cache_dir("llm_cache", name) / "calls.sqlite"
 
 
 def _backends(objects: list) -> list:

@@ -13,7 +13,8 @@ from neuron_pipeline.viewer import build_viewer, default_viewer_dir
     owners=["team:interpretability"],
     description="Static HTML viewer (no server, no network): index with score distributions and score by layer, "
     "a sortable / filterable table per layer, and one page per neuron with its explanations, scores and "
-    "excerpts shaded by real and simulated activation. Written to a `viewer` folder next to the lake.",
+    "excerpts shaded by real and simulated activation. Written to a `viewer` folder next to the lake "
+    "(in the current directory for a lake in object storage).",
     code_version="neuron_viewer-v1",
 )
 def neuron_viewer(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource) -> dg.MaterializeResult:

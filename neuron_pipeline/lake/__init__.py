@@ -1,6 +1,8 @@
-"""Delta lake tables: schemas, paths, reads and atomic per-partition writes."""
+"""Delta lake tables: schemas, where the lake is (a folder or object storage), reads and atomic
+per-partition writes."""
 
 from neuron_pipeline.lake.io import (
+    Lake,
     LakeError,
     check_table_schema,
     open_table,
@@ -14,6 +16,7 @@ from neuron_pipeline.lake.schemas import KEYS, PARTITION_COLUMN, PARTITIONED_TAB
 
 __all__ = [
     "KEYS",
+    "Lake",
     "LakeError",
     "PARTITIONED_TABLES",
     "PARTITION_COLUMN",

@@ -3,13 +3,16 @@
 Each write replaces one slice of a table — a layer partition, or a layer and explainer id —
 in a single Delta commit (``overwrite`` with a predicate), so a reader sees either the old
 slice or the new one, never half of it, and other partitions are never touched.
+
+Every function takes the lake as a ``Lake`` (lake/location.py: a local folder or an object-store
+URI with its storage options) or as a plain folder path or URI.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import polars as pl
@@ -17,12 +20,10 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from neuron_pipeline.lake.location import Lake, LakeError
 from neuron_pipeline.lake.schemas import PARTITION_COLUMN, SCHEMAS
 
-
-class LakeError(RuntimeError):
-    """A lake table cannot be read or written as asked; the message says how to fix it."""
-
+LakeLike = Lake | str | os.PathLike[str]
 
 # Two writers replacing the same slice of one table at the same time (two runs of one layer) race
 # on the next Delta version; the loser's commit fails and the whole write is redone against the
@@ -35,20 +36,40 @@ _COMMIT_BACKOFF_S = 0.05
 _COMMIT_BACKOFF_MAX_S = 2.0
 
 
-def table_path(lake: str | Path, table: str) -> Path:
+def table_path(lake: LakeLike, table: str) -> str:
+    """Where a table is: its folder in a local lake, its URI in object storage."""
     if table not in SCHEMAS:
         raise LakeError(f"unknown table {table!r}: tables are {', '.join(SCHEMAS)}")
-    return Path(lake) / table
+    return Lake.of(lake).table(table)
 
 
-def table_exists(lake: str | Path, table: str) -> bool:
-    return DeltaTable.is_deltatable(str(table_path(lake, table)))
+def _locate(lake: LakeLike, table: str) -> tuple[Lake, str]:
+    lake = Lake.of(lake)
+    return lake, table_path(lake, table)
 
 
-def open_table(lake: str | Path, table: str, version: int | None = None) -> DeltaTable:
-    path = table_path(lake, table)
+def _is_table(lake: Lake, path: str) -> bool:
     try:
-        return DeltaTable(str(path), version=version)
+        return DeltaTable.is_deltatable(path, storage_options=lake.options())
+    except OSError as exc:
+        raise lake.storage_error(exc) from None
+
+
+def _open(lake: Lake, path: str, version: int | None = None) -> DeltaTable:
+    try:
+        return DeltaTable(path, version=version, storage_options=lake.options())
+    except OSError as exc:
+        raise lake.storage_error(exc) from None
+
+
+def table_exists(lake: LakeLike, table: str) -> bool:
+    return _is_table(*_locate(lake, table))
+
+
+def open_table(lake: LakeLike, table: str, version: int | None = None) -> DeltaTable:
+    lake, path = _locate(lake, table)
+    try:
+        return _open(lake, path, version)
     except TableNotFoundError:
         raise LakeError(f"table {table!r} not found at {path}: materialize it first") from None
 
@@ -117,22 +138,22 @@ def _predicate(where: Mapping[str, Any], table: str | None = None) -> str:
     return " AND ".join(clauses)
 
 
-def check_table_schema(lake: str | Path, table: str) -> None:
+def check_table_schema(lake: LakeLike, table: str) -> None:
     """Raise ``LakeError`` when a Delta table exists at the table's path with another schema
     (nothing to check when there is no table yet)."""
-    path = table_path(lake, table)
-    if DeltaTable.is_deltatable(str(path)):
-        _check_existing_schema(path, table)
+    lake, path = _locate(lake, table)
+    if _is_table(lake, path):
+        _check_existing_schema(lake, path, table)
 
 
-def _check_existing_schema(path: Path, table: str) -> None:
+def _check_existing_schema(lake: Lake, path: str, table: str) -> None:
     """Refuse to write into a Delta table whose columns, types or partitioning differ from ours."""
     try:
-        existing_table = DeltaTable(str(path))
+        existing_table = _open(lake, path)
     except DeltaError as exc:
         raise LakeError(
             f"the Delta table at {path} cannot be read ({str(exc).splitlines()[0][:160]}): "
-            "move it away or point --lake at another folder"
+            "move it away or point --lake at another folder or URI"
         ) from None
     existing = {f.name: str(f.type) for f in existing_table.schema().fields}
     expected = {f.name: str(f.type) for f in Schema.from_arrow(SCHEMAS[table]).fields}
@@ -153,12 +174,12 @@ def _check_existing_schema(path: Path, table: str) -> None:
     if problems:
         raise LakeError(
             f"the Delta table at {path} does not have the {table!r} schema ({'; '.join(problems)}): "
-            "move it away or point --lake at another folder"
+            "move it away or point --lake at another folder or URI"
         )
 
 
 def write_table(
-    lake: str | Path,
+    lake: LakeLike,
     table: str,
     data: pl.DataFrame | pa.Table | Iterable[Mapping[str, Any]],
     replace_where: Mapping[str, Any] | None = None,
@@ -168,7 +189,7 @@ def write_table(
     Returns the new table version.
     """
     arrow = to_arrow(table, data)
-    path = table_path(lake, table)
+    lake, path = _locate(lake, table)
     partitioned = PARTITION_COLUMN in SCHEMAS[table].names
     if replace_where:
         bad = [c for c in replace_where if c not in SCHEMAS[table].names]
@@ -182,17 +203,17 @@ def write_table(
                 raise LakeError(f"rows for {column}={sorted(found - allowed)} fall outside the slice being written")
     rng = random.Random()
     for attempt in range(COMMIT_ATTEMPTS):
-        exists = DeltaTable.is_deltatable(str(path))
+        exists = _is_table(lake, path)
         if exists:
-            _check_existing_schema(path, table)
-        else:
+            _check_existing_schema(lake, path, table)
+        elif lake.folder is not None:  # object stores have no folders to create
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                lake.folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise LakeError(f"cannot create the lake folder {path.parent}: {exc.strerror or exc}") from None
+                raise LakeError(f"cannot create the lake folder {lake.folder}: {exc.strerror or exc}") from None
         try:
             write_deltalake(
-                str(path),
+                path,
                 arrow,
                 mode="overwrite",
                 partition_by=[PARTITION_COLUMN] if partitioned else None,
@@ -202,14 +223,17 @@ def write_table(
                 # table deltalake's own retry is sound (it checks what the other commit touched) and
                 # saves redoing writes of other slices.
                 commit_properties=None if exists else CommitProperties(max_commit_retries=0),
+                storage_options=lake.options(),
             )
             break
+        except OSError as exc:
+            raise lake.storage_error(exc) from None
         except DeltaError as exc:
             if not _is_commit_conflict(exc) or attempt == COMMIT_ATTEMPTS - 1:
                 tried = f" (after {attempt + 1} attempts)" if attempt else ""
                 raise LakeError(f"cannot write {table!r} at {path}{tried}: {exc}") from None
             time.sleep(min(_COMMIT_BACKOFF_MAX_S, _COMMIT_BACKOFF_S * 2**attempt) * rng.uniform(0.5, 1.5))
-    return DeltaTable(str(path)).version()
+    return _open(lake, path).version()
 
 
 def _is_commit_conflict(exc: DeltaError) -> bool:
@@ -222,22 +246,22 @@ def _is_commit_conflict(exc: DeltaError) -> bool:
 
 
 def read_table(
-    lake: str | Path,
+    lake: LakeLike,
     table: str,
     where: Mapping[str, Any] | None = None,
     columns: list[str] | None = None,
     version: int | None = None,
 ) -> pl.DataFrame:
     """Read a table (optionally filtered by equality/IN on columns); empty if it does not exist."""
-    path = table_path(lake, table)
+    lake, path = _locate(lake, table)
     names = SCHEMAS[table].names
     unknown = [c for c in [*(where or {}), *(columns or [])] if c not in names]
     if unknown:
         raise LakeError(f"columns {unknown} are not in the {table!r} schema: columns are {', '.join(names)}")
-    if not DeltaTable.is_deltatable(str(path)):
+    if not _is_table(lake, path):
         empty = pl.from_arrow(SCHEMAS[table].empty_table())
         return empty.select(columns) if columns else empty
-    frame = pl.scan_delta(str(path), version=version)
+    frame = pl.scan_delta(path, version=version, storage_options=lake.options())
     for column, value in (where or {}).items():
         text = _is_text(table, column)
         if isinstance(value, (list, tuple, set)):
@@ -250,6 +274,8 @@ def read_table(
         return frame.collect()
     except DeltaError as exc:
         raise LakeError(f"cannot read {table!r} at {path} (version={version}): {exc}") from None
+    except OSError as exc:
+        raise lake.storage_error(exc) from None
 
 
 def table_frame(table: str, rows: pl.DataFrame | pa.Table | Iterable[Mapping[str, Any]]) -> pl.DataFrame:

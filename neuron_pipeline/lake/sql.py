@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-from neuron_pipeline.lake.io import table_exists, table_path
+from neuron_pipeline.lake.io import Lake, LakeLike, open_table, table_exists, table_path
 from neuron_pipeline.lake.schemas import SCHEMAS
 
 
@@ -23,12 +23,16 @@ def _delta_extension() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def connect(lake: str | Path) -> duckdb.DuckDBPyConnection:
+def connect(lake: LakeLike) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with one view per lake table, read through ``delta_scan``.
 
-    Without the delta extension the tables are read through deltalake -> Arrow instead."""
+    Without the delta extension the tables are read through deltalake -> Arrow instead, and so
+    is an object-store lake: ``delta_scan`` on s3:// / gs:// / az:// needs DuckDB's httpfs or
+    azure extension, which cannot be downloaded offline and would not see deltalake's storage
+    options; the Arrow dataset reads through deltalake with them."""
+    lake = Lake.of(lake)
     con = duckdb.connect()
-    extension = _delta_extension()
+    extension = _delta_extension() if lake.folder is not None else None
     use_delta_scan = False
     if extension is not None:
         try:
@@ -39,11 +43,9 @@ def connect(lake: str | Path) -> duckdb.DuckDBPyConnection:
     for table in SCHEMAS:
         if not table_exists(lake, table):
             continue
-        path = str(table_path(lake, table)).replace("'", "''")
         if use_delta_scan:
+            path = table_path(lake, table).replace("'", "''")
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM delta_scan('{path}')")
         else:
-            from deltalake import DeltaTable
-
-            con.register(table, DeltaTable(path).to_pyarrow_dataset())
+            con.register(table, open_table(lake, table).to_pyarrow_dataset())
     return con

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import polars as pl
 
-from neuron_pipeline.lake import read_table, table_exists
+from neuron_pipeline.lake import Lake, read_table, table_exists
+from neuron_pipeline.lake.io import LakeLike
 from neuron_pipeline.viewer import pages
 from neuron_pipeline.viewer.charts import GOOD_SCORE, PALETTE, LayerStats, Series, histogram_counts
 from neuron_pipeline.viewer.safe import finite
@@ -39,9 +40,11 @@ class ViewerSummary:
     pages: int
 
 
-def default_viewer_dir(lake: str | Path) -> Path:
-    """Where the viewer goes by default: a ``viewer`` folder next to the lake."""
-    return Path(lake).expanduser().resolve().parent / "viewer"
+def default_viewer_dir(lake: LakeLike) -> Path:
+    """Where the viewer goes by default: a ``viewer`` folder next to a local lake, or in the
+    current directory for a lake in object storage (the site is local files)."""
+    folder = Lake.of(lake).folder
+    return (folder.parent if folder is not None else Path.cwd()) / "viewer"
 
 
 def _layer_key(layer: str) -> tuple[int, int | str]:
@@ -56,7 +59,7 @@ def _pair_key(explainer_id: str, simulator_id: str) -> tuple:
     return (pages.is_baseline(explainer_id), pages.is_baseline(simulator_id), explainer_id, simulator_id)
 
 
-def _read(lake: Path, table: str, where: dict | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+def _read(lake: Lake, table: str, where: dict | None = None, columns: list[str] | None = None) -> pl.DataFrame:
     return read_table(lake, table, where=where, columns=columns)
 
 
@@ -89,7 +92,7 @@ def _tokens(tokens: Iterable[str] | None) -> list[str]:
 class _Lake:
     """The small tables, read once; activation records and simulations are read per layer."""
 
-    def __init__(self, lake: Path):
+    def __init__(self, lake: Lake):
         self.lake = lake
         self.present = {t: table_exists(lake, t) for t in
                         ("neuron_activations", "activation_records", "explanations", "simulations", "scores")}
@@ -398,11 +401,12 @@ def _remove_stale(out_dir: Path, written: set[Path]) -> None:
             folder.rmdir()
 
 
-def build_viewer(lake: str | Path, out_dir: str | Path) -> ViewerSummary:
-    """Write the static viewer for everything in ``lake`` to ``out_dir``; return what was written."""
-    lake = Path(lake).expanduser().resolve()
+def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
+    """Write the static viewer for everything in ``lake`` (a folder or an object-store lake) to
+    the local folder ``out_dir``; return what was written."""
+    lake = Lake.of(lake)
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir == lake or lake in out_dir.parents:
+    if lake.folder is not None and (out_dir == lake.folder or lake.folder in out_dir.parents):
         raise ValueError(f"the viewer folder {out_dir} must not be inside the lake {lake}: choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _Lake(lake)
