@@ -18,12 +18,10 @@ def recommendations(results: dict[str, Section]) -> str:
             "2. **`neuron_pipeline/llm/local.py`, `LocalLLM.value_distributions` (simulator)** — measured "
             f"{best / sim.data['reference_rate']:.1f}x over the reference; FLOPs alone allow "
             f"{sim.data['flops_ratio']:.1f}x with two passes per excerpt, so the 5x target needs a change of method: "
-            "(a) compute the prefix once per call — today each of the two `_slot_logits` calls runs the prefix "
-            "forward again (a saving of one prefix pass per neuron, ~5-10% at 8-10 excerpts); (b) replace the "
-            "refill pass by one branch token ('1') per slot appended to the excerpt, with its slot's position id and "
+            "replace the refill pass by one branch token ('1') per slot appended to the excerpt, with its slot's position id and "
             "a 4-D attention mask that shows it only the prefix and the excerpt up to its slot (tree attention): "
             f"one pass of ~suffix + 64 tokens instead of 2 x suffix, predicted {sim.data['flops_ratio_single_pass']:.1f}x "
-            "by FLOPs. (b) conditions p('0' | '1') on fillers rather than '1' in the earlier slots, so the reference "
+            "by FLOPs. It conditions p('0' | '1') on fillers rather than '1' in the earlier slots, so the reference "
             "must change with it. Batch size barely matters on CPU (compute-bound); keep the default."
         )
     lake = results.get("lake")

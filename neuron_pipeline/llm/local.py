@@ -171,16 +171,18 @@ class LocalLLM:
             slot_tokens.append(index_of[slot])
         return encoded["input_ids"], slot_tokens
 
-    def _slot_logits(self, prefix_ids: list[int], suffix_ids: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+    def _run_prefix(self, prefix_ids: list[int]) -> tuple[object, torch.Tensor, int]:
+        """The shared prefix's KV cache, its last hidden state and its length."""
+        out = self.model.base_model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
+        return out.past_key_values, out.last_hidden_state[0, -1], len(prefix_ids)
+
+    def _slot_logits(self, prefix: tuple[object, torch.Tensor, int], suffix_ids: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
         """Log-probabilities [len(positions[i]), vocab] of the token *following* each listed
-        suffix position (-1 means the last prefix token), prefix computed once and reused."""
+        suffix position (-1 means the last prefix token), after the prefix run by ``_run_prefix``
+        (computed once per neuron, its KV cache copied into every batch)."""
         base = self.model.base_model
         head = self.model.get_output_embeddings()
-        prefix = torch.tensor([prefix_ids], device=self.device)
-        out = base(input_ids=prefix, use_cache=True)
-        prefix_cache = out.past_key_values
-        last_prefix_hidden = out.last_hidden_state[0, -1]
-        n_prefix = len(prefix_ids)
+        prefix_cache, last_prefix_hidden, n_prefix = prefix
         results: list[torch.Tensor] = [None] * len(suffix_ids)  # type: ignore[list-item]
         for start in range(0, len(suffix_ids), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(suffix_ids))))
@@ -222,12 +224,13 @@ class LocalLLM:
             return []
         prefix_ids = self.tokenizer(prefix)["input_ids"]
         encoded = [self._encode_suffix(s, sl) for s, sl in zip(suffixes, slots)]
-        slot_logprobs = self._slot_logits(prefix_ids, [e[0] for e in encoded], [[i - 1 for i in e[1]] for e in encoded])
+        prefix_run = self._run_prefix(prefix_ids)
+        slot_logprobs = self._slot_logits(prefix_run, [e[0] for e in encoded], [[i - 1 for i in e[1]] for e in encoded])
         split = [None] * len(suffixes)
         if self.values.split_first is not None:
             refilled = [refill_slots(s, sl, self.values.split_text) for s, sl in zip(suffixes, slots)]
             encoded2 = [self._encode_suffix(s, sl) for s, sl in refilled]
-            split = self._slot_logits(prefix_ids, [e[0] for e in encoded2], [e[1] for e in encoded2])
+            split = self._slot_logits(prefix_run, [e[0] for e in encoded2], [e[1] for e in encoded2])
         return [
             SlotDistributions(self._distributions(lp, sp), len(prefix_ids) + len(e[0]))
             for lp, sp, e in zip(slot_logprobs, split, encoded)
