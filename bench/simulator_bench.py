@@ -92,7 +92,7 @@ def run_simulator(section: Section, n_excerpts: int, n_reference: int, batch_siz
     mean_suffix = float(np.mean(n_suffix))
     # FLOP arithmetic: body ~212 MFLOP/token, lm_head (49,152 x 576) ~57 MFLOP/position.
     flops_ref = 2 * (n_prefix + mean_suffix) * (212 + 57)
-    flops_fast = 2 * mean_suffix * 212 + 2 * 64 * 57 + 2 * n_prefix * 212 / n_excerpts
+    flops_fast = 2 * mean_suffix * 212 + 2 * 64 * 57 + n_prefix * 212 / n_excerpts
     flops_single = (mean_suffix + 64) * 212 + 2 * 64 * 57 + n_prefix * 212 / n_excerpts
     section.data.update(flops_ratio=flops_ref / flops_fast, flops_ratio_single_pass=flops_ref / flops_single)
     section.notes.append(
@@ -100,7 +100,7 @@ def run_simulator(section: Section, n_excerpts: int, n_reference: int, batch_siz
         f"64-token excerpt adds {mean_suffix:.0f} tokens (token, tab, filler, newline per line). SmolLM2 writes 10 as "
         "'1','0', so each excerpt takes two passes (values, then p('0' | '1') with '1' in every slot). The reference "
         "runs 2 x (prefix + suffix) tokens with the lm_head at every position; the fast path 2 x suffix tokens (plus "
-        f"the prefix twice per neuron) with the lm_head at the 64 slots: FLOPs alone predict "
+        f"the prefix once per neuron) with the lm_head at the 64 slots: FLOPs alone predict "
         f"{flops_ref / flops_fast:.1f}x (measured {speedup:.1f}x; FLOPs leave out that the reference also writes "
         "full-vocabulary logits at every position), so >= 5x is out of reach on a CPU with two passes per excerpt, "
         "whatever the batching: the forward pass is compute-bound here and batching only saves per-call overhead. "
