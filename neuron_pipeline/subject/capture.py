@@ -82,7 +82,7 @@ def bottom_k_members(
     seed: int, salt: int, layer: int, neurons: torch.Tensor, n_sequences: int, k: int, ordered: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per neuron, the ``k`` sequences with the smallest keys: (ids, keys), each
-    [len(neurons), k], padded with -1 / int64 max when the corpus has fewer than k sequences.
+    [len(neurons), min(k, n_sequences)].
     The first ``ordered`` (default: all) are in key order, the rest in no particular order.
 
     The keys depend only on (seed, layer, neuron, sequence id), so a uniform sample's members are
@@ -95,8 +95,8 @@ def bottom_k_members(
     device = neurons.device
     take = min(k, n_sequences)
     ordered = take if ordered is None else min(ordered, take)
-    ids_out = torch.full((n, k), -1, dtype=torch.int64, device=device)
-    keys_out = torch.full((n, k), _INT64_MAX, dtype=torch.int64, device=device)
+    ids_out = torch.empty((n, take), dtype=torch.int64, device=device)
+    keys_out = torch.empty((n, take), dtype=torch.int64, device=device)
     if take == 0 or n == 0:
         return ids_out, keys_out
     per_neuron = _neuron_keys(seed, salt, layer, neurons)[:, None]
@@ -127,7 +127,7 @@ def bottom_k_members(
             rest = torch.ones_like(best_keys, dtype=torch.bool).scatter_(1, head, False)
             order = torch.cat([head, rest.nonzero()[:, 1].view(len(salts), take - ordered)], 1)
         rows = slice(first, first + len(salts))
-        ids_out[rows, :take], keys_out[rows, :take] = best_ids.gather(1, order), best_keys.gather(1, order)
+        ids_out[rows], keys_out[rows] = best_ids.gather(1, order), best_keys.gather(1, order)
     return ids_out, keys_out
 
 
@@ -193,9 +193,12 @@ class _PlannedSample:
     """A uniform sample whose members are known up front (``bottom_k_members``): each batch only
     copies the excerpts that belong to it, once, straight into their final rank."""
 
-    def __init__(self, members: torch.Tensor, seq_len: int):
-        self.sequence_id = members  # [N, k], -1 = unused
-        n, k = members.shape
+    def __init__(self, members: torch.Tensor, k: int, seq_len: int):
+        n = members.shape[0]
+        # [N, k]; -1 = unused (the corpus has fewer than k sequences)
+        self.sequence_id = torch.full((n, k), -1, dtype=torch.int64, device=members.device)
+        self.sequence_id[:, : members.shape[1]] = members[:, :k]
+        members = self.sequence_id
         self.max_activation = torch.full((n, k), float("nan"), dtype=torch.float32, device=members.device)
         self.activations = torch.empty((n, k, seq_len), dtype=torch.float32, device=members.device)
         self.activations[members < 0] = 0.0  # the only slots no batch fills (fewer sequences than k)
@@ -224,13 +227,13 @@ class _MaximaSample:
     boundaries. Quantiles ignore order, so each batch appends its members' maxima per neuron;
     a batch's members are the excerpts whose key is at most the neuron's k-th smallest."""
 
-    def __init__(self, seed: int, layer: int, neurons: torch.Tensor, members: torch.Tensor, keys: torch.Tensor):
+    def __init__(self, seed: int, layer: int, neurons: torch.Tensor, keys: torch.Tensor):
+        """keys: [N, size], the members' keys (``bottom_k_members``)."""
         self.seed, self.layer, self.neurons = seed, layer, neurons
-        n, k = members.shape
-        self.size = int((members[0] >= 0).sum().item()) if n else 0
-        self.threshold = keys[:, : self.size].amax(1, keepdim=True) if self.size else None  # [N, 1]
-        self.maxima = torch.full((n, k), float("nan"), dtype=torch.float32, device=members.device)
-        self.filled = torch.zeros(n, dtype=torch.int64, device=members.device)
+        n, self.size = keys.shape
+        self.threshold = keys.amax(1, keepdim=True) if self.size else None  # [N, 1]
+        self.maxima = torch.full((n, self.size), float("nan"), dtype=torch.float32, device=keys.device)
+        self.filled = torch.zeros(n, dtype=torch.int64, device=keys.device)
 
     def offer(self, seq_max_t: torch.Tensor, sequence_ids: torch.Tensor) -> None:
         if self.threshold is None:
@@ -322,7 +325,7 @@ class LayerAccumulator:
         seed = records.seed
         self.top = _TopReservoir(records.top_k, n, seq_len, device)
         random_members, _ = bottom_k_members(seed, _SALT_RANDOM, layer, self.neurons, n_sequences, records.random_k)
-        self.random = _PlannedSample(random_members, seq_len)
+        self.random = _PlannedSample(random_members, records.random_k, seq_len)
         self.quantile_candidates = self.quantile_sample = None
         if records.quantile_bins:
             n_candidates = records.quantile_bins * records.per_quantile_bin * _QUANTILE_OVERSAMPLE
@@ -331,8 +334,8 @@ class LayerAccumulator:
                 seed, _SALT_QUANTILE, layer, self.neurons, n_sequences, max(records.quantile_sample_size, n_candidates),
                 ordered=n_candidates,
             )
-            self.quantile_sample = _MaximaSample(seed, layer, self.neurons, members, keys)
-            self.quantile_candidates = _PlannedSample(members[:, :n_candidates].contiguous(), seq_len)
+            self.quantile_sample = _MaximaSample(seed, layer, self.neurons, keys)
+            self.quantile_candidates = _PlannedSample(members, n_candidates, seq_len)
 
     def update(self, activations: torch.Tensor, sequence_ids: torch.Tensor) -> None:
         """activations: [B, T, N] float32 for the selected neurons; sequence_ids: [B], the next
