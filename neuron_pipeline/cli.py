@@ -49,8 +49,17 @@ def _contiguous_ranges(indices: list[int]) -> list[tuple[int, int]]:
 def _instance():
     import dagster as dg
 
+    from neuron_pipeline.assets.run_owner import fail_dead_runs
+
     # With DAGSTER_HOME set (as `make demo` and `make dev` do), CLI runs appear in the UI.
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    if not os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.ephemeral()
+    instance = dg.DagsterInstance.get()
+    # An earlier CLI run killed outright would otherwise keep the gpu pool slot: every model step
+    # of this run would wait for it forever.
+    for run_id in fail_dead_runs(instance):
+        print(f"neuron-pipeline: run {run_id} had died without ending; marked failed and its pool slots freed", flush=True)
+    return instance
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -66,6 +75,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
+    from neuron_pipeline.assets.run_owner import owner_tags
     from neuron_pipeline.config import parse_index_spec
     from neuron_pipeline.corpus import describe_source
     from neuron_pipeline.definitions import build_definitions
@@ -97,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     faults: dict[str, dict[str, int]] = {}
     try:
-        dg.materialize(assets, selection=[corpus_key], **common)
+        dg.materialize(assets, selection=[corpus_key], tags=owner_tags(), **common)
         # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
         # forward pass over the corpus that stops at the range's deepest layer.
         for start, end in _contiguous_ranges(layers):
@@ -105,13 +115,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 assets,
                 selection=layer_keys,
                 tags={
+                    **owner_tags(),
                     "dagster/asset_partition_range_start": str(start),
                     "dagster/asset_partition_range_end": str(end),
                 },
                 **common,
             )
             _add_faults(faults, result)
-        dg.materialize(assets, selection=[viewer_key], **common)  # once, after every range
+        dg.materialize(assets, selection=[viewer_key], tags=owner_tags(), **common)  # once, after every range
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
     except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate

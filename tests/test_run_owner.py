@@ -19,6 +19,7 @@ import pytest
 
 from neuron_pipeline.assets.partitions import GPU_POOL
 from neuron_pipeline.assets.run_owner import HOST_TAG, PID_TAG, fail_dead_runs, owner_tags
+from neuron_pipeline.cli import _instance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def _claimed(instance: dg.DagsterInstance) -> list[str]:
     return [slot.run_id for slot in instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots]
 
 
-def test_a_killed_runs_slot_is_freed_and_later_runs_go_through(dagster_home):
+def test_a_killed_runs_slot_is_freed_and_later_runs_go_through(dagster_home, capsys):
     killed = _start_step(dagster_home, sleep_s=600)
     try:
         assert killed.stdout.readline().strip() == "STEP"  # inside the step: the slot is held
@@ -73,8 +74,9 @@ def test_a_killed_runs_slot_is_freed_and_later_runs_go_through(dagster_home):
         assert run.status == dg.DagsterRunStatus.STARTED and run.tags[PID_TAG] == str(killed.pid)
         assert _claimed(instance) == [run.run_id]  # the stuck slot the bug was about
 
-        # A live run of this host and another host's run are left alone.
-        assert fail_dead_runs(instance) == [run.run_id]
+    # What `neuron-pipeline run` does before starting its runs.
+    with _instance() as instance:
+        assert f"run {run.run_id} had died without ending" in capsys.readouterr().out
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert _claimed(instance) == []
         assert fail_dead_runs(instance) == []  # idempotent
