@@ -271,7 +271,14 @@ def run_lake(section: Section, root: Path, layers: int, neurons: int, record_lay
                     value < 1.0,
                 )
         section.add("DuckDB `connect(lake)` (views over every table)", fmt_s(connect_s))
-        proposed_row_groups(section, lake, layer=min(2, record_layers - 1), neuron=neurons // 2 + 1, reps=reps)
+        import pyarrow.parquet as pq
+
+        files = list((lake / "activation_records" / "layer=0").glob("*.parquet"))
+        section.add(
+            "parquet row groups per activation_records partition (rows sorted by neuron, "
+            "`NEURON_ROW_GROUP_ROWS` in lake/schemas.py)",
+            f"{sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)}",
+        )
         section.notes.append(
             f"Medians of {reps} runs after a first (reported) run; polars re-scans the Delta log on every "
             "query (`pl.scan_delta`), DuckDB queries views made once by `neuron_pipeline.lake.sql.connect` "
@@ -279,48 +286,3 @@ def run_lake(section: Section, root: Path, layers: int, neurons: int, record_lay
         )
     finally:
         shutil.rmtree(lake, ignore_errors=True)
-
-
-def proposed_row_groups(section: Section, lake: Path, layer: int, neuron: int, reps: int, row_group: int = 16384) -> None:
-    """Prototype of a fix: the same records partition written with bounded parquet row groups,
-    so readers skip by the neuron column's min/max statistics instead of decoding the partition."""
-    import polars as pl
-    import pyarrow.parquet as pq
-    from deltalake import DeltaTable, WriterProperties, write_deltalake
-
-    source = lake / "activation_records"
-    files = list((source / f"layer={layer}").glob("*.parquet"))
-    row_groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
-    data = DeltaTable(str(source)).to_pyarrow_table(partitions=[("layer", "=", str(layer))])
-    target = lake / "records_row_groups"
-    start = time.perf_counter()
-    write_deltalake(
-        str(target), data.sort_by("neuron"), mode="overwrite", partition_by=["layer"],
-        writer_properties=WriterProperties(max_row_group_size=row_group),
-    )
-    write_s = time.perf_counter() - start
-    del data
-
-    def query(path):
-        return pl.scan_delta(str(path)).filter((pl.col("layer") == str(layer)) & (pl.col("neuron") == neuron)).collect()
-
-    times = {"now": [], "fix": []}
-    for rep in range(reps + 1):
-        for name, path in (("now", source), ("fix", target)) if rep % 2 else (("fix", target), ("now", source)):
-            t = time.perf_counter()
-            got = query(path)
-            if got.height != 40:
-                raise AssertionError(f"{got.height} rows")
-            if rep:
-                times[name].append(time.perf_counter() - t)
-    size_now = dir_size(source / f"layer={layer}")
-    size_fix = dir_size(target / f"layer={layer}")
-    section.data["row_group_fix"] = {"times": times, "size_now": size_now, "size_fix": size_fix, "row_groups_now": row_groups}
-    section.add(
-        f"proposed fix: one neuron's records via polars with {row_group:,}-row parquet row groups",
-        f"{fmt_s(median(times['fix']))} vs {fmt_s(median(times['now']))} as written now ({row_groups} row group(s) "
-        f"per partition), partition {fmt_bytes(size_fix)} vs {fmt_bytes(size_now)}; rewrite {fmt_s(write_s)}",
-        "< 1 s",
-        median(times["fix"]) < 1.0,
-        note="bench prototype (deltalake WriterProperties), not project code",
-    )

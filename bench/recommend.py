@@ -1,21 +1,18 @@
-"""The "recommended fixes" part of the report, with this run's numbers filled in."""
+"""The "what is left to gain" part of the report, with this run's numbers filled in."""
 
 from __future__ import annotations
 
-from bench.common import Section, fmt_s, median
+from bench.common import Section, median
 
 
 def recommendations(results: dict[str, Section]) -> str:
-    lines = ["## Recommended fixes to project code\n"]
-    lines.append(
-        "Prototyped in `bench/` (not project code) and measured side by side in this run; records stay "
-        "bit-identical where noted.\n"
-    )
+    lines = ["## What is left to gain\n"]
+    lines.append("Changes not made yet, with this run's numbers.\n")
     sim = results.get("simulator")
     if sim is not None and sim.data.get("fast_rates"):
         best = max(median(v) for v in sim.data["fast_rates"].values())
         lines.append(
-            "2. **`neuron_pipeline/llm/local.py`, `LocalLLM.value_distributions` (simulator)** — measured "
+            "1. **`neuron_pipeline/llm/local.py`, `LocalLLM.value_distributions` (simulator)** — measured "
             f"{best / sim.data['reference_rate']:.1f}x over the reference; FLOPs alone allow "
             f"{sim.data['flops_ratio']:.1f}x with two passes per excerpt; on a CPU the forward pass is compute-bound, so "
             "no batching closes the gap to 5x. The largest change left: replace the refill pass by one branch token ('1') per slot appended to the excerpt, with its slot's position id and "
@@ -25,20 +22,8 @@ def recommendations(results: dict[str, Section]) -> str:
             "the reference must change with it. On a GPU, where one 64-token excerpt leaves the device idle, batching "
             "is where the factor comes from (not measured here: no GPU was lent to this task)."
         )
-    lake = results.get("lake")
-    if lake is not None and lake.data.get("row_group_fix"):
-        fix = lake.data["row_group_fix"]
-        lines.append(
-            "4. **`neuron_pipeline/lake/io.py`, `write_table` (per-neuron reads)** — a layer's activation_records "
-            f"are written as {fix['row_groups_now']} parquet row group(s), so polars decodes the whole partition to "
-            f"return one neuron's 40 rows ({fmt_s(median(fix['times']['now']))}; DuckDB filters first and is fast). "
-            "Passing `writer_properties=WriterProperties(max_row_group_size=16_384)` to `write_deltalake` for "
-            "`activation_records` (its rows are already sorted by neuron; sort `simulations` likewise) lets readers skip by the "
-            f"neuron column's min/max: {fmt_s(median(fix['times']['fix']))}, for "
-            f"{fix['size_fix'] / max(fix['size_now'], 1) - 1:+.0%} on disk."
-        )
     lines.append(
-        "5. **Threads (`neuron_pipeline/config.py` / `subject/loading.py`, documentation)** — torch uses one "
+        "2. **Threads (`neuron_pipeline/config.py` / `subject/loading.py`, documentation)** — torch uses one "
         "intra-op thread per core; on a shared machine every small op then waits for a descheduled thread "
         "(development measurement at load average ~5: a 49k-element int64 xor 10.9 ms with 2 threads vs 0.07 ms "
         "with 1; one capture update 2.2 s vs 0.45 s; a 2-thread data point is in section 1). A `subject.threads` "

@@ -140,7 +140,7 @@ def render(sections: list[Section], info: dict, args, started: datetime, wall: f
         try:
             out.append(recommendations({s.key: s for s in sections}))
         except Exception as exc:  # noqa: BLE001 - the report must still be written
-            out.append(f"## Recommended fixes to project code\n\n(could not be rendered: {type(exc).__name__}: {exc})\n")
+            out.append(f"## What is left to gain\n\n(could not be rendered: {type(exc).__name__}: {exc})\n")
     for section in sections:
         out.append(f"## {section.title}\n")
         out.append(f"_Section time: {section.seconds:.0f} s._\n")

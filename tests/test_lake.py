@@ -406,3 +406,39 @@ def test_duckdb_sees_only_the_latest_version(tmp_path):
         assert con.execute("SELECT count(*), max(neuron) FROM scores").fetchone() == (1, 0)
     finally:
         con.close()
+
+
+def test_records_are_written_in_neuron_row_groups_that_readers_skip(tmp_path):
+    """activation_records rows (sorted by neuron) go into bounded parquet row groups, so reading one
+    neuron touches one row group rather than decoding the partition."""
+    import pyarrow.parquet as pq
+
+    from neuron_pipeline.lake.schemas import NEURON_ROW_GROUP_ROWS
+
+    per_group = NEURON_ROW_GROUP_ROWS["activation_records"]
+    neurons = 3 * per_group // 40 + 1  # 40 records per neuron: a bit over three row groups
+    frame = pl.DataFrame(
+        {
+            "model": "m",
+            "layer": "0",
+            "neuron": pl.Series([n for n in range(neurons) for _ in range(40)], dtype=pl.Int32),
+            "kind": "top",
+            "rank": pl.Series(list(range(40)) * neurons, dtype=pl.Int32),
+            "sequence_id": pl.Series([n * 40 + r for n in range(neurons) for r in range(40)], dtype=pl.Int64),
+            "tokens": [["a", "b"]] * (neurons * 40),
+            "activations": [[0.5, 1.5]] * (neurons * 40),
+            "max_activation": 1.5,
+        }
+    )
+    write_table(tmp_path, "activation_records", frame, replace_where={"layer": 0})
+    [parquet] = (tmp_path / "activation_records" / "layer=0").glob("*.parquet")
+    metadata = pq.ParquetFile(parquet).metadata
+    assert metadata.num_row_groups == 4
+    neuron_column = metadata.schema.to_arrow_schema().get_field_index("neuron")
+    ranges = [
+        (metadata.row_group(i).column(neuron_column).statistics.min, metadata.row_group(i).column(neuron_column).statistics.max)
+        for i in range(metadata.num_row_groups)
+    ]
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(ranges, ranges[1:]))  # disjoint: skippable
+    one = read_table(tmp_path, "activation_records", where={"layer": 0, "neuron": neurons - 2})
+    assert one["sequence_id"].to_list() == [(neurons - 2) * 40 + r for r in range(40)]

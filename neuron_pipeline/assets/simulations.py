@@ -144,7 +144,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
             write_table(
                 lake,
                 "simulations",
-                frame,
+                frame.sort("layer", "neuron", maintain_order=True),  # row groups by neuron (lake/schemas.py)
                 replace_where={"layer": simulator_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
             )
         total_rows = combined.height

@@ -17,11 +17,11 @@ from typing import Any, Iterable, Mapping
 
 import polars as pl
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from neuron_pipeline.lake.location import Lake, LakeError
-from neuron_pipeline.lake.schemas import PARTITION_COLUMN, SCHEMAS
+from neuron_pipeline.lake.schemas import NEURON_ROW_GROUP_ROWS, PARTITION_COLUMN, SCHEMAS
 
 LakeLike = Lake | str | os.PathLike[str]
 
@@ -201,6 +201,8 @@ def write_table(
             found = {str(v) for v in arrow.column(column).unique().to_pylist()}
             if found - allowed:
                 raise LakeError(f"rows for {column}={sorted(found - allowed)} fall outside the slice being written")
+    row_group = NEURON_ROW_GROUP_ROWS.get(table)
+    writer_properties = WriterProperties(max_row_group_size=row_group) if row_group else None
     rng = random.Random()
     for attempt in range(COMMIT_ATTEMPTS):
         exists = _is_table(lake, path)
@@ -223,6 +225,7 @@ def write_table(
                 # table deltalake's own retry is sound (it checks what the other commit touched) and
                 # saves redoing writes of other slices.
                 commit_properties=None if exists else CommitProperties(max_commit_retries=0),
+                writer_properties=writer_properties,
                 storage_options=lake.options(),
             )
             break

