@@ -253,12 +253,8 @@ class _MaximaSample:
 
 
 def _excerpts(activations: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """activations[rows[i], :, cols[i]] for every i: [E, T]."""
-    batch, seq_len, n = activations.shape
-    if len(rows) * 2 > batch * n:
-        # Most excerpts wanted (the first batches): one transpose, then contiguous rows.
-        by_row = activations.transpose(1, 2).reshape(batch * n, seq_len)
-        return by_row.index_select(0, rows * n + cols)
+    """activations[rows[i], :, cols[i]] for every i: [E, T]. (Strided reads of just these beat
+    transposing the batch first, even when half the excerpts are wanted.)"""
     return activations[rows, :, cols]
 
 
