@@ -28,7 +28,6 @@ def load_bench_subject(kind: str):
     if kind in ("gpt2-small", "gpt2-tiny"):
         import transformers
 
-        from neuron_pipeline.subject.architectures import ARCHITECTURES, num_layers, num_neurons
         from neuron_pipeline.subject.loading import Subject
 
         torch.manual_seed(0)
@@ -37,16 +36,7 @@ def load_bench_subject(kind: str):
         else:  # for smoke tests
             config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=2, n_positions=128)
         model = transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
-        spec = ARCHITECTURES["gpt2"]
-        return Subject(
-            model_id=f"{kind}-random-init",
-            model=model,
-            tokenizer=None,
-            spec=spec,
-            num_layers=num_layers(config),
-            num_neurons=num_neurons(config, spec),
-            device=torch.device("cpu"),
-        )
+        return Subject.from_model(model, f"{kind}-random-init")
     raise ValueError(f"unknown bench model {kind!r}")
 
 

@@ -17,7 +17,6 @@ import transformers
 
 from neuron_pipeline.config import RecordsSettings, SubjectSettings
 from neuron_pipeline.subject import NonFiniteActivationsError, capture_layers, load_subject
-from neuron_pipeline.subject.architectures import ARCHITECTURES, num_layers, num_neurons
 from neuron_pipeline.subject import capture as capture_module
 from neuron_pipeline.subject.capture import (
     _QUANTILE_OVERSAMPLE,
@@ -56,16 +55,7 @@ def tiny_subject(kind: str = "llama", seed: int = 0, dtype=torch.float32, **over
             eos_token_id=2, pad_token_id=0, **overrides,
         )
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval().requires_grad_(False)
-    spec = ARCHITECTURES[config.model_type]
-    return Subject(
-        model_id=f"tiny-{kind}",
-        model=model,
-        tokenizer=None,
-        spec=spec,
-        num_layers=num_layers(config),
-        num_neurons=num_neurons(config, spec),
-        device=torch.device("cpu"),
-    )
+    return Subject.from_model(model, f"tiny-{kind}")
 
 
 class _Done(Exception):

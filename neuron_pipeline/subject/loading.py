@@ -73,6 +73,21 @@ class Subject:
     def info(self) -> SubjectInfo:
         return SubjectInfo(self.model_id, self.num_layers, self.num_neurons, self.spec.name)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, model_id: str, tokenizer: object = None) -> "Subject":
+        """Wrap an already built transformers model (e.g. a randomly initialised config)."""
+        config = model.config
+        spec = architecture_for(config)
+        return cls(
+            model_id=model_id,
+            model=model,
+            tokenizer=tokenizer,
+            spec=spec,
+            num_layers=num_layers(config),
+            num_neurons=num_neurons(config, spec),
+            device=next(model.parameters()).device,
+        )
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -173,15 +188,7 @@ def load_subject(settings: SubjectSettings) -> Subject:
     except (OSError, ValueError) as exc:
         raise SubjectLoadError(f"cannot load model {settings.model!r}: {str(exc).splitlines()[0][:200]}") from None
     model.eval().requires_grad_(False).to(device)
-    return Subject(
-        model_id=model_id,
-        model=model,
-        tokenizer=tokenizer,
-        spec=spec,
-        num_layers=num_layers(config),
-        num_neurons=num_neurons(config, spec),
-        device=device,
-    )
+    return Subject.from_model(model, model_id, tokenizer)
 
 
 __all__ = [

@@ -48,7 +48,6 @@ def tiny_subject(neurons: int = 512, layers: int = 2, hidden: int = 64, vocab: i
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from neuron_pipeline.subject.architectures import architecture_for, num_layers, num_neurons
     from neuron_pipeline.subject.loading import Subject
 
     torch.manual_seed(0)
@@ -57,8 +56,7 @@ def tiny_subject(neurons: int = 512, layers: int = 2, hidden: int = 64, vocab: i
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
     )
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    spec = architecture_for(config)
-    return Subject("tiny-llama", model, None, spec, num_layers(config), num_neurons(config, spec), torch.device("cpu"))
+    return Subject.from_model(model, "tiny-llama")
 
 
 def capture_memory(sequences: int, out: str, neurons: int = 512, layers: int = 2, sequence_length: int = 64,
@@ -176,7 +174,6 @@ def serve() -> None:
     import dagster  # noqa: F401
     import deltalake  # noqa: F401
     import great_expectations  # noqa: F401
-    import openai  # noqa: F401
     import polars  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
