@@ -4,6 +4,7 @@ prompt size per neuron."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -80,42 +81,23 @@ def explainer_requests(n: int):
     return requests
 
 
-def _http_module():
-    try:  # openai 3.x ships its own fork of httpx
-        import httpx2 as http
-    except ImportError:
-        import httpx as http
-    return http
-
-
-def _raw_openai(url: str, requests, concurrency: int, post: bool = False) -> float:
-    """Plain ``openai.AsyncOpenAI`` + a semaphore: the floor any wrapper is compared with.
-
-    ``post``: the prototype fix: ``client.post("/chat/completions", body=..., cast_to=Response)``
-    sends the same JSON but skips the package's per-request params transform (a recursive walk
-    over the TypedDicts of every message), about half of the client's CPU time per request."""
-    import json
-
+def _raw_openai(url: str, requests, concurrency: int) -> float:
+    """Plain ``openai.AsyncOpenAI`` + a semaphore: what a user would write, the reference the
+    project client is compared with (no retries, no accounting). Seconds for ``requests``."""
     import openai
-
-    http = _http_module()
 
     async def main():
         client = openai.AsyncOpenAI(api_key="sk-bench", base_url=url, max_retries=0, timeout=60)
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(request):
-            body = {
-                "model": "fake-model",
-                "messages": [{"role": r, "content": c} for r, c in request.messages],
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-            }
             async with semaphore:
-                if post:
-                    response = await client.post("/chat/completions", body=body, cast_to=http.Response)
-                    return json.loads(response.content)
-                return await client.chat.completions.create(**body)
+                return await client.chat.completions.create(
+                    model="fake-model",
+                    messages=[{"role": r, "content": c} for r, c in request.messages],
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                )
 
         await asyncio.gather(*(one(r) for r in requests[:concurrency]))  # warm the connection pool
         start = time.perf_counter()
@@ -127,93 +109,75 @@ def _raw_openai(url: str, requests, concurrency: int, post: bool = False) -> flo
     return asyncio.run(main())
 
 
+CLIENTS = {
+    "project": "project `OpenAICompatible.chat_many` (aiohttp)",
+    "raw": "plain `openai.AsyncOpenAI` + semaphore",
+}
+
+
 def run_api(section: Section, concurrency: int, latency_s: float, n_requests: int, reps: int) -> None:
+    from neuron_pipeline.llm.openai_api import OpenAICompatible
+
     ideal = concurrency / latency_s
     requests = explainer_requests(n_requests)
     server = ServerProcess(latency_s)
+    rates: dict[str, list[float]] = {name: [] for name in CLIENTS}
+    cpu: dict[str, list[float]] = {name: [] for name in [*CLIENTS, "server"]}
     try:
-        client = None
-        client_error = None
-        try:
-            from neuron_pipeline.llm.openai_api import OpenAICompatible
-
-            client = OpenAICompatible("fake-model", base_url=server.url, concurrency=concurrency, max_retries=0, timeout_s=60)
+        with OpenAICompatible("fake-model", base_url=server.url, concurrency=concurrency, max_retries=0, timeout_s=60) as client:
             warm = client.chat_many(requests[:concurrency])
             failed = [r for r in warm if isinstance(r, Exception)]
             if failed:
                 raise RuntimeError(f"{len(failed)} warm-up requests failed: {failed[0]}")
-        except Exception as exc:  # noqa: BLE001 - the teammate's client may not exist yet
-            client_error = f"{type(exc).__name__}: {exc}"
-            client = None
-        rates = {"project": [], "raw": [], "post": []}
-        cpu = {"project": [], "raw": [], "post": [], "server": []}
-        for rep in range(reps):
-            order = ["project", "raw", "post"][rep % 3 :] + ["project", "raw", "post"][: rep % 3]
-            for name in order:
-                if name == "project" and client is None:
-                    continue
-                client_cpu, server_cpu = _cpu_seconds(), _cpu_seconds(server.proc.pid)
-                if name == "project" and client is not None:
-                    start = time.perf_counter()
-                    results = client.chat_many(requests)
-                    elapsed = time.perf_counter() - start
-                    errors = sum(isinstance(r, Exception) for r in results)
-                    if errors:
-                        raise RuntimeError(f"{errors} of {len(results)} requests failed")
-                    rates["project"].append(len(requests) / elapsed)
-                elif name == "raw":
-                    rates["raw"].append(len(requests) / _raw_openai(server.url, requests, concurrency))
-                elif name == "post":
-                    rates["post"].append(len(requests) / _raw_openai(server.url, requests, concurrency, post=True))
-                # Per request: the warm-up batch of the plain clients is counted too (concurrency more requests).
-                sent = len(requests) + (0 if name == "project" else concurrency)
-                cpu[name].append((_cpu_seconds() - client_cpu) / sent)
-                cpu["server"].append((_cpu_seconds(server.proc.pid) - server_cpu) / sent)
-        if client is not None:
-            client.close()
+            names = list(CLIENTS)
+            for rep in range(reps):
+                for name in names[rep % 2 :] + names[: rep % 2]:  # alternate which client goes first
+                    gc.collect()  # neither client pays for the other's garbage
+                    time.sleep(0.5)  # nor for the server still closing the other's connections
+                    client_cpu, server_cpu = _cpu_seconds(), _cpu_seconds(server.proc.pid)
+                    if name == "project":
+                        start = time.perf_counter()
+                        results = client.chat_many(requests)
+                        elapsed = time.perf_counter() - start
+                        errors = sum(isinstance(r, Exception) for r in results)
+                        if errors:
+                            raise RuntimeError(f"{errors} of {len(results)} requests failed")
+                    else:
+                        elapsed = _raw_openai(server.url, requests, concurrency)
+                    rates[name].append(len(requests) / elapsed)
+                    # Per request: the plain client's warm-up batch is counted too (concurrency more requests).
+                    sent = len(requests) + (0 if name == "project" else concurrency)
+                    cpu[name].append((_cpu_seconds() - client_cpu) / sent)
+                    cpu["server"].append((_cpu_seconds(server.proc.pid) - server_cpu) / sent)
     finally:
         server.close()
     section.data.update(rates=rates, ideal=ideal, server=server.implementation, cpu=cpu)
-    cpu_rows = ["| client | requests/s | % of ideal | client CPU per request | one core's cap (1 / CPU per request) |", "|---|---:|---:|---:|---:|"]
-    labels = {"project": "project `OpenAICompatible.chat_many`", "raw": "plain `AsyncOpenAI.chat.completions.create`", "post": "prototype: `AsyncOpenAI.post`, no params transform"}
-    for name, label in labels.items():
-        if rates[name]:
-            per = median(cpu[name])
-            cpu_rows.append(
-                f"| {label} | {median(rates[name]):.0f} | {median(rates[name]) / ideal:.0%} | {per * 1000:.2f} ms | {1 / per:,.0f}/s |"
-            )
-    cpu_rows.append(f"| (server: {server.implementation}) | | | {median(cpu['server']) * 1000:.2f} ms | {1 / median(cpu['server']):,.0f}/s |")
-    section.tables.append("\n".join(cpu_rows))
-    if rates["project"]:
-        achieved = median(rates["project"])
-        section.add(
-            f"requests/s, project client `OpenAICompatible.chat_many` (concurrency {concurrency})",
-            f"{achieved:.0f}/s = **{achieved / ideal:.0%} of ideal** ({ideal:.0f}/s = {concurrency} / {latency_s:.1f} s)",
-            ">= 90% of ideal",
-            achieved / ideal >= 0.9,
-        )
-    else:
-        section.add("requests/s, project client", "not measured", note=f"client unavailable: {client_error}")
-    raw = median(rates["raw"])
+    rows = ["| client | requests/s | % of ideal | client CPU per request | one core's cap (1 / CPU per request) |", "|---|---:|---:|---:|---:|"]
+    for name, label in CLIENTS.items():
+        per = median(cpu[name])
+        rows.append(f"| {label} | {median(rates[name]):.0f} | {median(rates[name]) / ideal:.0%} | {per * 1000:.2f} ms | {1 / per:,.0f}/s |")
+    rows.append(f"| (server: {server.implementation}) | | | {median(cpu['server']) * 1000:.2f} ms | {1 / median(cpu['server']):,.0f}/s |")
+    section.tables.append("\n".join(rows))
+    achieved, raw = median(rates["project"]), median(rates["raw"])
+    section.add(
+        f"requests/s, project client `OpenAICompatible.chat_many` (concurrency {concurrency})",
+        f"{achieved:.0f}/s = **{achieved / ideal:.0%} of ideal** ({ideal:.0f}/s = {concurrency} / {latency_s:.1f} s)",
+        ">= 90% of ideal",
+        achieved / ideal >= 0.9,
+    )
     section.add(
         f"requests/s, plain `openai.AsyncOpenAI` + semaphore (concurrency {concurrency})",
-        f"{raw:.0f}/s = {raw / ideal:.0%} of ideal",
+        f"{raw:.0f}/s = {raw / ideal:.0%} of ideal (project client: {achieved / raw:.2f}x)",
         "reference",
-    )
-    post = median(rates["post"])
-    section.add(
-        "requests/s, prototype fix: `AsyncOpenAI.post` with the same JSON, no params transform",
-        f"{post:.0f}/s = **{post / ideal:.0%} of ideal** ({post / raw:.1f}x the plain client)",
-        ">= 90% of ideal",
-        post / ideal >= 0.9,
-        note="bench prototype, not project code",
     )
     section.notes.append(
         f"Server: {server.implementation} with a fixed {latency_s * 1000:.0f} ms latency, in its own process; "
-        f"{n_requests} explainer-sized chat requests per repetition, {reps} repetitions rotating the three clients; "
-        "medians. Client and server are Python processes sharing 2 cores with everything else on the machine: at "
-        "320 requests/s a client needs under 3.1 ms of CPU per request on a free core, and the server's CPU per "
-        "request comes on top. The table's last column is what one idle core could sustain."
+        f"{n_requests} explainer-sized chat requests per repetition, {reps} repetitions alternating the two clients; "
+        "medians. The project client keeps its retries, error classification, budget and token accounting; the "
+        "plain client has none of these. Client and server are Python processes sharing 2 cores with everything "
+        f"else on the machine: at {ideal:.0f} requests/s a client needs under {1000 / ideal:.1f} ms of CPU per request "
+        "on a free core, and the server's CPU per request comes on top. The table's last column is what one idle "
+        "core could sustain."
     )
 
 

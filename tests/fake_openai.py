@@ -23,10 +23,14 @@ Every request is recorded (path, headers, JSON body, arrival and end times, faul
 requests are counted (``max_in_flight``), and ``latency_s`` adds a fixed delay to every answer.
 The server serves many concurrent connections (one thread each) and stops itself after
 ``max_lifetime_s`` at the latest.
+
+``redirecting_server()`` answers everything with a redirect to itself: tests that the API key never
+follows one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -39,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 
 # Fault kinds a script entry or a rate key can name; an optional argument follows a colon.
 FAULTS = {
@@ -407,6 +411,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like real servers
+    disable_nagle_algorithm = True  # answers go out at once: no Nagle delay behind the delayed ACK of the headers
     fake: FakeOpenAIServer
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - quiet
@@ -503,3 +508,33 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (timeout) or the server is stopping
             self.close_connection = True
         return status
+
+
+@contextlib.contextmanager
+def redirecting_server(status: int = 302) -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
+    """A server on 127.0.0.1 that answers every GET and POST with ``status`` and a ``Location`` on
+    itself, recording (method, path, Authorization) of what reaches it: a client that follows the
+    redirect shows up twice. Yields (its ``/v1`` base URL, the records)."""
+    seen: list[tuple[str, str, str | None]] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def _redirect(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.send_header("Location", f"http://127.0.0.1:{server.server_address[1]}/collect")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _redirect
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 - quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_openai import FakeOpenAIServer, chat_value_logprobs, distribution, fake_value  # noqa: E402
+from fake_openai import FakeOpenAIServer, chat_value_logprobs, distribution, fake_value, redirecting_server  # noqa: E402
 
 from neuron_pipeline.config import ConfigError  # noqa: E402
 from neuron_pipeline.interp.explainer import LLMExplainer  # noqa: E402
@@ -58,13 +58,14 @@ def server():
 
 @pytest.fixture
 def make_client(monkeypatch):
-    """OpenAICompatible against a server, with fast backoff; all closed at the end."""
+    """OpenAICompatible against a server (or a base URL), with fast backoff; all closed at the end."""
     monkeypatch.setenv(KEY_ENV, SENTINEL)
     clients = []
 
-    def make(fake: FakeOpenAIServer, **options) -> OpenAICompatible:
+    def make(fake: FakeOpenAIServer | str, **options) -> OpenAICompatible:
         options = {"api_key_env": KEY_ENV, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0, **options}
-        client = OpenAICompatible("fake-model", base_url=fake.base_url, **options)
+        base_url = fake if isinstance(fake, str) else fake.base_url
+        client = OpenAICompatible("fake-model", base_url=base_url, **options)
         clients.append(client)
         return client
 
@@ -305,6 +306,36 @@ def test_the_key_never_leaks(server, make_client, caplog):
         assert SENTINEL not in text
     assert SENTINEL not in caplog.text
     assert any("retrying" in r.getMessage() for r in caplog.records)
+
+
+def test_requests_never_follow_a_redirect(make_client):
+    """A 3xx is an error, not followed: the key goes to base_url only."""
+    with redirecting_server(307) as (base_url, seen):
+        client = make_client(base_url)
+        with pytest.raises(LLMRequestError) as caught:
+            client.chat(ask())
+    assert seen == [("POST", "/v1/chat/completions", f"Bearer {SENTINEL}")]
+    assert (caught.value.kind, caught.value.status_code, caught.value.attempts) == ("client_error", 307, 1)
+    assert "redirects are not followed" in str(caught.value)
+
+
+def test_proxy_from_the_environment(server, make_client, monkeypatch):
+    """HTTP_PROXY is honoured, as the openai SDK did (the fake server plays the proxy)."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url.removesuffix("/v1"))
+    assert make_client("http://llm.example.invalid/v1").chat(ask()).texts
+    (sent,) = server.posts()
+    assert sent.path == "http://llm.example.invalid/v1/chat/completions"
+    assert sent.headers["authorization"] == f"Bearer {SENTINEL}"
+
+
+def test_credentials_in_the_base_url_are_basic_auth(server, make_client):
+    """Like httpx: user:password in base_url become Basic auth (and are not shown in repr)."""
+    client = make_client(server.base_url.replace("http://", "http://alice:s%40cret@"))
+    assert "s%40cret" not in repr(client) and "alice" not in repr(client)
+    client.chat(ask())
+    assert server.posts()[0].headers["authorization"] == "Basic YWxpY2U6c0BjcmV0"  # alice:s@cret
 
 
 # --- through the explainer and simulators --------------------------------------------------------------

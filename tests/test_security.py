@@ -382,28 +382,8 @@ def test_nothing_listens_beyond_loopback(secured_run):
 
 def test_the_startup_key_check_never_follows_a_redirect():
     """`check_reachable` sends the key to base_url only: a redirect elsewhere is not followed."""
-    import http.server
-
     from neuron_pipeline.llm.openai_api import check_reachable
 
-    seen = []
-
-    class Redirecting(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append((self.path, self.headers.get("Authorization")))
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.1:{server.server_address[1]}/collect")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        check_reachable(f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=SENTINEL)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert seen == [("/v1/models", f"Bearer {SENTINEL}")]
+    with fake_openai.redirecting_server() as (base_url, seen):
+        check_reachable(base_url, api_key=SENTINEL)
+    assert seen == [("GET", "/v1/models", f"Bearer {SENTINEL}")]

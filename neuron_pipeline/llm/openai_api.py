@@ -7,10 +7,19 @@ How it works:
 
 - The API key is read once, at construction, from the environment variable named by
   ``api_key_env``; it is never logged, shown in ``repr`` or put into an error message.
-- Requests run on a private asyncio event loop in a daemon thread, through
-  ``openai.AsyncOpenAI(max_retries=0)``; ``chat`` / ``chat_many`` / ``value_distributions`` are
-  plain synchronous calls. A semaphore keeps at most ``concurrency`` requests in flight (it is
-  held only while a request is on the wire, not while a retry waits).
+- Requests run on a private asyncio event loop in a daemon thread, as plain JSON POSTs to
+  ``{base_url}/chat/completions`` and ``{base_url}/completions`` over one ``aiohttp.ClientSession``
+  whose keep-alive pool holds ``concurrency`` connections; ``chat`` / ``chat_many`` /
+  ``value_distributions`` are plain synchronous calls. A semaphore keeps at most ``concurrency``
+  requests in flight (it is held only while a request is on the wire, not while a retry waits).
+  A request costs about 0.3 ms of client CPU; through the openai SDK, used here before, it cost
+  2-3 ms, too much to keep 64 requests of 200 ms in flight on a shared 2-core machine
+  (BENCHMARKS.md, section 4).
+- Redirects are not followed (the key goes to ``base_url`` only; a 3xx is a ``client_error``),
+  proxies come from the environment (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), cookies are
+  not kept, and ``timeout_s`` bounds each attempt from sending to the last byte of the answer.
+  Credentials in ``base_url`` (``https://user:pass@host/v1``) are sent as HTTP Basic auth instead
+  of the key, as the openai SDK's httpx did.
 - Our own retry loop: 429 (``Retry-After`` honoured, in seconds or as an HTTP date; else
   exponential backoff with jitter, capped at ``backoff_max_s``), 5xx, timeouts, connection
   errors and malformed bodies (invalid JSON, missing fields) are retried up to ``max_retries``
@@ -54,10 +63,10 @@ import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+import aiohttp
 import numpy as np
-import openai
 
 from neuron_pipeline.config import ConfigError
 from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
@@ -120,15 +129,8 @@ def check_reachable(
 
     url = (base_url or OPENAI_BASE_URL).rstrip("/")
     shown = _without_userinfo(url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"base_url {shown!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000/v1")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ConfigError(f"base_url {shown!r} has an invalid port") from None
-    proxies = urllib.request.getproxies()
-    if not ((proxies.get(parts.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parts.hostname)):
+    parts, port = _http_url(url)
+    if _proxy_for(parts) is None:
         try:
             socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
         except OSError as exc:
@@ -175,6 +177,16 @@ class LLMRequestError(RuntimeError):
 
 class _Malformed(Exception):
     """A 2xx answer the client cannot read."""
+
+
+class _StatusError(Exception):
+    """A non-2xx answer: its status, its body (parsed JSON, else text) and headers."""
+
+    def __init__(self, status: int, body: Any, headers):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -253,14 +265,19 @@ class OpenAICompatible:
         self._echo_unsupported: str | None = None
         self._probe_task: asyncio.Future | None = None
         self._random = random.Random()
+        url, headers, self._proxy = _transport_settings(self.base_url, key)
+        self._urls = {"chat": f"{url}/chat/completions", "completions": f"{url}/completions"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"openai-compatible:{model}")
         self._thread.start()
         self._semaphore = asyncio.Semaphore(concurrency)
-        self._client = openai.AsyncOpenAI(
-            api_key=key or PLACEHOLDER_KEY, base_url=self.base_url, max_retries=0, timeout=timeout_s
-        )
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._client)
+        try:
+            self._session = asyncio.run_coroutine_threadsafe(_open_session(url, headers, concurrency), self._loop).result()
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._session)
 
     def __repr__(self) -> str:
         return (
@@ -375,15 +392,11 @@ class OpenAICompatible:
                 if attempt:
                     self.usage["retries"] += 1
                 try:
-                    if endpoint == "chat":
-                        raw = await self._client.chat.completions.with_raw_response.create(**params)
-                    else:
-                        raw = await self._client.completions.with_raw_response.create(**params)
-                    data = _json_object(raw.http_response.content)
+                    data = await self._post(endpoint, params)
                     result = parse(data)
                     self._account(data, params, result)
                     return result
-                except (openai.APIError, _Malformed) as exc:
+                except (aiohttp.ClientError, OSError, _StatusError, _Malformed) as exc:  # TimeoutError is an OSError
                     failure = _classify(exc)
             self.faults[failure.kind] += 1
             message = self._scrub(failure.message)
@@ -399,6 +412,21 @@ class OpenAICompatible:
             log.info("%s: %s (attempt %d of %d), retrying in %.2fs", self.model_name, failure.kind, attempt + 1, attempts, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _post(self, endpoint: str, params: dict[str, Any]) -> dict:
+        """One attempt: the JSON answer of a 2xx, else ``_StatusError`` (redirects not followed)."""
+        async with self._session.post(
+            self._urls[endpoint],
+            data=json.dumps(params).encode(),
+            allow_redirects=False,
+            proxy=self._proxy,
+            timeout=self._timeout,
+        ) as response:
+            content = await response.read()
+            status = response.status
+            if not 200 <= status < 300:
+                raise _StatusError(status, _error_body(content), response.headers)
+        return _json_object(content)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:  # the server knows best; a little jitter spreads the crowd
@@ -636,12 +664,74 @@ def _collect(futures: Sequence[concurrent.futures.Future]) -> list:
     return results
 
 
-def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: openai.AsyncOpenAI) -> None:
+def _http_url(url: str) -> tuple[SplitResult, int]:
+    """``url`` split, and its port; a one-line ``ConfigError`` unless it is an http(s) URL."""
+    shown = _without_userinfo(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"base_url {shown!r} is not an http(s) URL: use e.g. http://127.0.0.1:8000/v1")
+    try:
+        return parts, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"base_url {shown!r} has an invalid port") from None
+
+
+def _proxy_for(parts: SplitResult) -> str | None:
+    """The proxy the environment sets for this URL (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
+def _transport_settings(base_url: str, key: str | None) -> tuple[str, dict[str, str], str | None]:
+    """(base URL without credentials, default headers, proxy URL or None) for ``base_url``."""
+    parts, _ = _http_url(base_url)
+    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "neuron-pipeline"}
+    if parts.username or parts.password:  # like httpx: credentials in the URL become Basic auth
+        headers["Authorization"] = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or "")).encode()
+    else:
+        headers["Authorization"] = f"Bearer {key or PLACEHOLDER_KEY}"
+    for variable, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
+        if os.environ.get(variable):  # sent by the openai SDK too
+            headers[header] = os.environ[variable]
+    proxy = _proxy_for(parts)
+    if proxy and urlsplit(proxy).scheme not in ("http", "https"):
+        raise ConfigError(f"proxy {_without_userinfo(proxy)!r} for {parts.scheme} URLs is not supported: use an http(s) proxy")
+    return _without_userinfo(base_url), headers, proxy
+
+
+async def _open_session(base_url: str, headers: dict[str, str], concurrency: int) -> aiohttp.ClientSession:
+    """One keep-alive pool for every request of a client (created on its loop, as aiohttp wants)."""
+    ssl_context: Any = True
+    if base_url.startswith("https:"):
+        import ssl
+
+        ssl_context = ssl.create_default_context()  # the system's CAs (and SSL_CERT_FILE)
+        try:
+            import certifi  # the CAs the openai SDK used
+        except ImportError:
+            pass
+        else:
+            ssl_context.load_verify_locations(certifi.where())
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers=headers,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,  # proxies are resolved once in _transport_settings; no .netrc look-up per request
+    )
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, session: aiohttp.ClientSession) -> None:
     if loop.is_closed():
         return
     if threading.current_thread() is not thread and thread.is_alive():
         try:
-            asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
     loop.call_soon_threadsafe(loop.stop)
@@ -693,7 +783,18 @@ def _retry_after(headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_detail(exc: openai.APIStatusError) -> tuple[str, str]:
+def _error_body(content: bytes) -> Any:
+    """An error answer's body: its JSON, else its text, else None."""
+    text = content.decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _error_detail(exc: _StatusError) -> tuple[str, str]:
     """(error code, message) from an OpenAI-style error body."""
     body = exc.body
     error = body.get("error", body) if isinstance(body, dict) else None
@@ -707,22 +808,22 @@ def _error_detail(exc: openai.APIStatusError) -> tuple[str, str]:
 def _classify(exc: Exception) -> _Failure:
     if isinstance(exc, _Malformed):
         return _Failure("malformed", True, None, str(exc))
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, TimeoutError):  # before OSError, of which it is one (so are aiohttp's timeouts)
         return _Failure("timeout", True, None, "no answer in time")
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc.__context__
-        detail = f" ({type(cause).__name__})" if cause is not None else ""
-        return _Failure("connection", True, None, f"connection failed{detail}")
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return _Failure("connection", True, None, f"connection failed ({type(exc).__name__})")
+    if isinstance(exc, _StatusError):
+        status = exc.status
         code, message = _error_detail(exc)
         text = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
         if status == 429:
             if code == "insufficient_quota":
                 return _Failure("quota_exhausted", False, status, text)
-            return _Failure("rate_limited", True, status, text, _retry_after(exc.response.headers))
+            return _Failure("rate_limited", True, status, text, _retry_after(exc.headers))
         if status >= 500:
             return _Failure("server_error", True, status, text)
+        if 300 <= status < 400:
+            text += " (redirects are not followed: the key goes to base_url only)"
         return _Failure("client_error", False, status, text)
     return _Failure("malformed", True, None, f"unreadable answer ({type(exc).__name__})")
 

@@ -171,6 +171,7 @@ def serve() -> None:
 
     warnings.filterwarnings("ignore")
     # Everything a pipeline run imports, without running any of it.
+    import aiohttp  # noqa: F401
     import dagster  # noqa: F401
     import deltalake  # noqa: F401
     import great_expectations  # noqa: F401
