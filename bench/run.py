@@ -48,7 +48,7 @@ FULL = {
         # torch's default on this machine: 2 intra-op threads (see the header on shared cores).
         {"model": "smollm2", "batch": 32, "sequences": 64, "methods": ["bare", "project"], "threads": 2, "targets": False},
     ],
-    "corpus_sequences": 128,
+    "corpus_sequences": 256,
     "layers_sequences": 16,
     "layers_model": "smollm2",
     "sim_excerpts": 8,
