@@ -61,6 +61,10 @@ def capture_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def _layer_span(result: dict) -> str:
+    return f"layers 0-{result['layers'] - 1}"
+
+
 def run_capture(section: Section, ids_path: Path, runs: list[dict], threads: int, timeout, min_seconds: float = 60) -> None:
     """``timeout()`` gives the seconds left for this section; a run that does not fit is skipped."""
     for spec in runs:
@@ -89,7 +93,8 @@ def run_capture(section: Section, ids_path: Path, runs: list[dict], threads: int
             if "project" in methods:
                 ratio, total, steady = _ratios(result, "project")
                 section.add(
-                    f"capture throughput / bare forward, {result['model']} (project `capture_layers`)",
+                    f"capture throughput / bare forward, {result['model']} (project `capture_layers`; "
+                    f"{_layer_span(result)}, {result['sequences']} sequences)",
                     f"**{ratio:.2f}** (totals {total:.2f}; without setup/finalize {steady:.2f})",
                     ">= 0.90",
                     ratio >= 0.90,
@@ -156,6 +161,7 @@ def run_layers(section: Section, ids_path: Path, sequences: int, threads: int, t
     candidates = [
         run for run in (capture.data.get("runs", []) if capture is not None else [])
         if run["model"] == result["model"] and "project" in run["methods"] and run.get("threads", 1) == 1
+        and run["layers"] == result["layers"]
     ]
     if candidates:
         run = max(candidates, key=lambda run: run["sequences"])

@@ -41,6 +41,9 @@ FULL = {
         # The capture-overhead target: bare vs the project's capture, on a corpus several times the
         # samples' sizes (with k close to the corpus size nearly every excerpt is copied in).
         {"model": "smollm2", "batch": 32, "sequences": 256, "methods": ["bare", "project"]},
+        # The same per-layer work over 3x the corpus: layers 0-9 (bare stops at layer 9 too), so the
+        # median batch is past the first batches, where most excerpts still enter the samples.
+        {"model": "smollm2", "batch": 32, "sequences": 768, "layers": list(range(10)), "methods": ["bare", "project"]},
         # The common alternatives, on one batch (their memory grows with the corpus: see the notes).
         {"model": "smollm2", "batch": 32, "sequences": 32, "methods": ["bare", "project", "cache_all", "hidden_states"], "targets": False},
         {"model": "gpt2-small", "batch": 16, "sequences": 160, "methods": ["bare", "project"]},
@@ -48,7 +51,7 @@ FULL = {
         # torch's default on this machine: 2 intra-op threads (see the header on shared cores).
         {"model": "smollm2", "batch": 32, "sequences": 64, "methods": ["bare", "project"], "threads": 2, "targets": False},
     ],
-    "corpus_sequences": 256,
+    "corpus_sequences": 768,
     "layers_sequences": 16,
     "layers_model": "smollm2",
     "sim_excerpts": 8,
