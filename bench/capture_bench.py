@@ -124,6 +124,13 @@ def run_capture(section: Section, ids_path: Path, runs: list[dict], threads: int
         "depth (a hook on the deepest layer's neuron module raises, as `capture_layers` does)."
     )
     section.notes.append(
+        "The ratio grows with the corpus: in the first batches most excerpts enter the top-k (and, on a corpus "
+        "not much larger than the samples, the uniform samples take a large share of all excerpts), so each of "
+        "those batches copies far more than a later one; setup and finalize are fixed per layer. The runs over "
+        "128-256 sequences therefore sit below what a real corpus (thousands of sequences) gets; the run over "
+        "768 sequences (layers 0-9, so it costs the same) is the closest to it here."
+    )
+    section.notes.append(
         "Peak RSS per method is estimated in-process: RSS sampled every 5 ms around each method's phases; "
         "'above model' = memory the method kept (growth over its phases) plus the largest temporary peak in one phase. "
         "glibc may reuse freed heap for temporaries, so transients are lower bounds; kept state is also given exactly "
