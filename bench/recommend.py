@@ -22,11 +22,4 @@ def recommendations(results: dict[str, Section]) -> str:
             "the reference must change with it. On a GPU, where one 64-token excerpt leaves the device idle, batching "
             "is where the factor comes from (not measured here: no GPU was lent to this task)."
         )
-    lines.append(
-        "2. **Threads (`neuron_pipeline/config.py` / `subject/loading.py`, documentation)** — torch uses one "
-        "intra-op thread per core; on a shared machine every small op then waits for a descheduled thread "
-        "(development measurement at load average ~5: a 49k-element int64 xor 10.9 ms with 2 threads vs 0.07 ms "
-        "with 1; one capture update 2.2 s vs 0.45 s; a 2-thread data point is in section 1). A `subject.threads` "
-        "setting (calling `torch.set_num_threads`) or a documented `OMP_NUM_THREADS` lets such users opt out."
-    )
     return "\n".join(lines) + "\n"

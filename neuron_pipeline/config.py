@@ -45,6 +45,10 @@ class SubjectSettings(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(32, ge=1, description="sequences per forward pass during capture")
     trust_remote_code: bool = False
+    # torch's intra-op CPU threads for the whole process (default: torch's choice, one per core).
+    # On a machine whose cores are shared with other work, 1 avoids every small op waiting for a
+    # descheduled thread (BENCHMARKS.md).
+    threads: int | None = Field(None, ge=1)
 
 
 class CorpusSettings(_Section):

@@ -431,3 +431,16 @@ def test_bundled_smollm2_hook_equals_act_gate_times_up(bundled_subject):
         assert (top["sequence_id"][0] == 0).all() and (top["sequence_id"][1] == -1).all()
         np.testing.assert_allclose(top["activations"][0], manual.numpy(), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(captured[layer].max, manual.max(0).values.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_subject_threads_sets_torch_threads(tiny_dirs):
+    """`subject.threads` pins torch's CPU threads for the process (shared machines: 1)."""
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        load_subject(SubjectSettings(model=str(tiny_dirs["llama"]), device="cpu", threads=wanted))
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+    load_subject(SubjectSettings(model=str(tiny_dirs["llama"]), device="cpu"))  # unset: left alone
+    assert torch.get_num_threads() == before

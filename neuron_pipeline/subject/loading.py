@@ -176,6 +176,8 @@ def load_subject(settings: SubjectSettings) -> Subject:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
 
     model_id, location, config = _load_config(settings.model, settings.trust_remote_code)
     spec = architecture_for(config)  # fail before loading weights
