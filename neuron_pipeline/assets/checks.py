@@ -22,9 +22,9 @@ def quality_check_spec(table: str) -> dg.AssetCheckSpec:
     )
 
 
-def check_result(report: QualityReport) -> dg.AssetCheckResult:
+def _report_metadata(report: QualityReport) -> dict:
+    """What a check shows in the UI: expectations evaluated and failed, and the failing rows."""
     metadata: dict = {
-        "rows": report.rows,
         "expectations_evaluated": report.evaluated,
         "expectations_failed": report.failed,
         "summary": report.summary(),
@@ -32,6 +32,11 @@ def check_result(report: QualityReport) -> dg.AssetCheckResult:
     if not report.success:
         metadata["failures"] = dg.MetadataValue.json(report.failures)
         metadata["failing_rows"] = dg.MetadataValue.md(report.failing_rows_markdown())
+    return metadata
+
+
+def check_result(report: QualityReport) -> dg.AssetCheckResult:
+    metadata: dict = {"rows": report.rows, **_report_metadata(report)}
     return dg.AssetCheckResult(
         asset_key=report.table,
         check_name=CHECK_NAME,
@@ -80,16 +85,7 @@ def gate_upstream(table: str, upstream: str, lake, layers: list[int], settings):
         metadata["summary"] = f"{upstream}: no stored rows for layers {layers}"
         return dg.AssetCheckResult(asset_key=table, check_name=UPSTREAM_CHECK_NAME, passed=True, metadata=metadata)
     report = validate_table(upstream, frame, QualityParams.from_settings(settings, corpus_sequences=sequences))
-    metadata.update(
-        {
-            "expectations_evaluated": report.evaluated,
-            "expectations_failed": report.failed,
-            "summary": report.summary(),
-        }
-    )
-    if not report.success:
-        metadata["failures"] = dg.MetadataValue.json(report.failures)
-        metadata["failing_rows"] = dg.MetadataValue.md(report.failing_rows_markdown())
+    metadata.update(_report_metadata(report))
     result = dg.AssetCheckResult(
         asset_key=table,
         check_name=UPSTREAM_CHECK_NAME,
