@@ -251,7 +251,11 @@ def render(data: dict) -> str:
             "- `interp/prompts.py`: `prompt:` may be the path of one's own template file; templates with unknown "
             "placeholders or stray braces are refused up front (they used to fail mid-run).",
             "- `assets/resources.py`: `LLMResource.faults()`; `usage()` adds them as `llm_faults`, so the "
-            "explanations and simulations metadata carry the fault counts per kind.", ""]
+            "explanations and simulations metadata carry the fault counts per kind.",
+            "- `assets/run_owner.py`: a run killed outright kept its `gpu` pool slot, so every later model step "
+            "waited forever (seen when the crash tests shared one instance); CLI runs now carry host and pid tags, "
+            "and `neuron-pipeline run` first fails this host's runs whose process is gone and frees their slots "
+            "(`tests/test_run_owner.py` reproduces it with a SIGKILLed GPU step).", ""]
     return "\n".join(out)
 
 
