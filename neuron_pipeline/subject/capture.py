@@ -270,6 +270,23 @@ def _store_rows(payload: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor, 
     payload.view(n * k, t).index_copy_(0, cols * k + slots, rows)
 
 
+class Scratch:
+    """One reusable buffer for the per-batch temporaries of every layer's statistics. A fresh
+    [tokens, neurons] tensor per op is a fresh mapping from the allocator at this size, and
+    first-touching its pages cost more than the op itself (measured: ~6 ms vs ~0.5 ms per op
+    for a SmolLM2 batch); the accumulators run one after another, so they can share it."""
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of x's shape, dtype and device (valid until the next call)."""
+        n = x.numel()
+        if self._buffer is None or self._buffer.numel() < n or self._buffer.dtype != x.dtype or self._buffer.device != x.device:
+            self._buffer = torch.empty(n, dtype=x.dtype, device=x.device)
+        return self._buffer[:n].view(x.shape)
+
+
 def _column_sums(x: torch.Tensor) -> torch.Tensor:
     """x.sum(0) for a [rows, N] float32 matrix; on the CPU as a matrix-vector product, which runs
     ~10x faster there than torch's reduction over the leading axis."""
@@ -308,8 +325,12 @@ class LayerAccumulator:
     which has no float64.
     """
 
-    def __init__(self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device, n_sequences: int):
+    def __init__(
+        self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device, n_sequences: int,
+        scratch: Scratch | None = None,
+    ):
         device = torch.device(device)
+        self.scratch = scratch or Scratch()
         self.layer = layer
         self.neurons = neurons.to(device)
         self.records = records
@@ -354,7 +375,8 @@ class LayerAccumulator:
         # float32 within the batch), merged into the running float64 moments.
         batch_count = flat.shape[0]
         mean32 = _column_sums(flat) / batch_count  # [1, N]
-        batch_m2 = _column_sums((flat - mean32).square_())[0].to(self.stats_device).double()
+        work = self.scratch.like(flat)
+        batch_m2 = _column_sums(torch.sub(flat, mean32, out=work).square_())[0].to(self.stats_device).double()
         batch_mean = mean32[0].to(self.stats_device).double()
         total = self.count + batch_count
         delta = batch_mean - self.mean
@@ -364,7 +386,7 @@ class LayerAccumulator:
         self.min = torch.minimum(self.min, flat.amin(0))
         # ceil(clamp(x, 0, 1)) is 1 for x > 0, else 0 (NaN stays NaN and fails finalize): a third
         # of the cost of summing (x > 0) or sign(x) on the CPU.
-        self.positive += _column_sums(flat.clamp(0, 1).ceil_())[0].round().to(torch.int64)
+        self.positive += _column_sums(torch.clamp(flat, 0, 1, out=work).ceil_())[0].round().to(torch.int64)
 
         seq_max_t = activations.amax(1).t().contiguous()  # [N, B]
         self.max = torch.maximum(self.max, seq_max_t.amax(1))
@@ -484,8 +506,10 @@ def capture_layers(
     neuron_index = torch.tensor(neurons, dtype=torch.long, device=device)
     take_all = len(neurons) == subject.num_neurons and neurons == list(range(subject.num_neurons))
     seq_len = token_ids.shape[1]
+    scratch = Scratch()
     accumulators = {
-        layer: LayerAccumulator(layer, neuron_index, seq_len, records, device, n_sequences=len(token_ids)) for layer in layers
+        layer: LayerAccumulator(layer, neuron_index, seq_len, records, device, n_sequences=len(token_ids), scratch=scratch)
+        for layer in layers
     }
     current_ids: dict[str, torch.Tensor] = {}
     deepest = layers[-1]
