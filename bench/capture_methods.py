@@ -66,7 +66,12 @@ class Method:
     def state_bytes(self) -> int:
         return 0
 
-    def _forward_with_hooks(self, batch: torch.Tensor, on_layer: Callable[[int, torch.Tensor], None]) -> None:
+    def _forward_with_hooks(
+        self, batch: torch.Tensor, on_layer: Callable[[int, torch.Tensor], None], layers: list[int] | None = None
+    ) -> None:
+        """Forward ``batch`` with ``on_layer`` called at each of ``layers`` (default: all measured
+        ones), stopping at the deepest measured layer as ``capture_layers`` does."""
+
         def make(layer):
             def fn(hidden):
                 on_layer(layer, hidden)
@@ -75,7 +80,7 @@ class Method:
 
             return fn
 
-        handles = [_register(self.subject, layer, make(layer)) for layer in self.layers]
+        handles = [_register(self.subject, layer, make(layer)) for layer in (self.layers if layers is None else layers)]
         try:
             with torch.inference_mode():
                 self.subject.model(input_ids=batch, use_cache=False)
@@ -90,17 +95,7 @@ class Bare(Method):
     name = "bare forward"
 
     def step(self, batch, start):
-        def stop(hidden):
-            raise _Stop
-
-        handle = _register(self.subject, self.deepest, stop)
-        try:
-            with torch.inference_mode():
-                self.subject.model(input_ids=batch, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+        self._forward_with_hooks(batch, lambda layer, hidden: None, layers=[self.deepest])
 
 
 class Streaming(Method):
