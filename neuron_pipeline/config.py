@@ -141,8 +141,8 @@ class _LLMSettings(_Section):
 
 class ExplainerSettings(_LLMSettings):
     # A template shipped in neuron_pipeline/interp/prompts/ by name, or the path of your own
-    # .txt template (it must hold {records} and no other placeholder).
-    prompt: str = "explainer_v1"
+    # .txt template ({records} or {highlighted}, optionally {top_tokens}; see interp/explainer.py).
+    prompt: str = "explainer_v2"
     max_tokens: int = Field(60, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     # Baseline explainer: how many characteristic tokens the explanation lists.
@@ -153,11 +153,26 @@ class ExplainerSettings(_LLMSettings):
     revise: bool = False
 
 
+SIMULATOR_TEMPLATES = {"per_token": "simulator_per_token_v1"}  # other modes: simulator_v1
+
+
 class SimulatorSettings(_LLMSettings):
-    # A shipped template name, or the path of your own .txt template ({explanation} only).
-    prompt: str = "simulator_v1"
-    # all-at-once from prompt logprobs (local, vLLM) | chat top_logprobs | generated integers
-    mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
+    # A shipped template name, or the path of your own .txt template ({explanation} only);
+    # None: the mode's own (simulator_per_token_v1 for per_token, else simulator_v1).
+    prompt: str | None = None
+    # per_token: every token asked on its own (local models) | prompt_logprobs: all-at-once
+    # (local, vLLM) | top_logprobs: chat top_logprobs | integers: generated integers.
+    # auto: per_token for a local model, the best the server offers for an API.
+    mode: Literal["auto", "per_token", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
+
+    def template_for(self, mode: str) -> str:
+        return self.prompt or SIMULATOR_TEMPLATES.get(mode, "simulator_v1")
+
+    @model_validator(mode="after")
+    def _per_token_is_local(self):
+        if self.mode == "per_token" and self.backend != "local":
+            raise ValueError("mode per_token needs a local model (it reads the model's distribution after every question)")
+        return self
     # Fit real ~ a * simulated + b per neuron on held-out records before rsquared / deviation.
     calibrate: bool = False
 

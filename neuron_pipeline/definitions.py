@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from neuron_pipeline.assets import automation, capture, corpus, explanations, scores, simulations, summary, viewer
+from neuron_pipeline.assets import automation, capture, corpus, evaluations, explanations, scores, simulations, summary, viewer
 from neuron_pipeline.assets.deployment import executor_for, gpu_op_tags
 from neuron_pipeline.assets.jobs import build_jobs
 from neuron_pipeline.assets.partitions import layer_partitions
@@ -71,7 +71,7 @@ def build_definitions(
         scores.build(partitions),
         summary.build(partitions),
     ]
-    assets = [corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer]
+    assets = [corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer, evaluations.evaluations]
     base = {key: a.code_versions_by_key.get(key) for a in assets for key in a.keys}
     versions = code_versions(settings, base, prompts_dir)
     recipes = own_recipes(settings, prompts_dir)

@@ -109,7 +109,7 @@ def test_llm_explainer_records_errors_instead_of_raising():
             TimeoutError("server did not answer"),
         ]
     )
-    explainer = LLMExplainer(model)
+    explainer = LLMExplainer(model, "explainer_v1")
     good, empty, failed = explainer.explain_many([RECORDS, RECORDS, RECORDS])
     assert good.text == "cats and dogs" and good.error is None and good.prompt_tokens == 100
     assert empty.text == "" and "unusable completion" in empty.error
@@ -117,6 +117,18 @@ def test_llm_explainer_records_errors_instead_of_raising():
     # The records went into the prompt with activations discretized to 0..10.
     user = model.requests[0].messages[-2][1]
     assert " cat\t10" in user and " dog\t5" in user
+
+
+def test_explainer_v2_shows_marked_text_and_strongest_tokens_without_prefill():
+    model = _ScriptedChat([ChatResponse(("The main thing this neuron does is find cats and dogs.",), 100, 5)])
+    explanation = LLMExplainer(model).explain(RECORDS + [ActivationRecord((" cat", " sat"), (2.0, 0.5))])
+    # An answer that repeats the sentence's start is parsed back to the phrase.
+    assert explanation.text == "cats and dogs"
+    messages = model.requests[0].messages
+    assert messages[-1][0] == "user"  # no trailing assistant message for servers that do not continue one
+    user = messages[-1][1]
+    assert "1. The <<cat>>(10)" in user and "2. a <<dog>>(5)" in user and "3. <<cat>>(10) <<sat>>(2)" in user
+    assert 'Strongest tokens: "cat" (10, 2 times), "dog" (5), "sat" (2)' in user
 
 
 def test_explainer_template_renders_few_shot_chat_with_prefill():

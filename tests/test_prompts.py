@@ -210,7 +210,7 @@ def test_template_loads_and_renders(template_dir: Path):
     (template_dir / "unit_v1.txt").write_text("Explain {records}\nthe main thing this neuron does is find{suffix}")
     template = load_template("unit_v1", ["records", "suffix"])
     assert template.name == "unit_v1"
-    assert template.required == ("records", "suffix")
+    assert template.placeholders == ("records", "suffix")
     assert template.render(records="R", suffix="") == "Explain R\nthe main thing this neuron does is find"
 
 

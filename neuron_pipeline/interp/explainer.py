@@ -10,8 +10,11 @@ from typing import Protocol, Sequence
 from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse, chat_all
 from neuron_pipeline.interp.prompts import (
     PromptTemplate,
+    PromptTemplateError,
     content_hash,
+    format_highlighted,
     format_records,
+    format_top_tokens,
     load_template,
     max_activation_of,
 )
@@ -40,6 +43,18 @@ class Explainer(Protocol):
 
 def make_explainer_id(kind: str, model_name: str, prompt_hash: str, params: dict) -> str:
     return f"{kind}-" + content_hash(model_name, prompt_hash, json.dumps(params, sort_keys=True, default=str))[:12]
+
+
+def load_explainer_template(name: str) -> PromptTemplate:
+    """An explainer template shows the excerpts as token<TAB>value lines ({records}, explainer_v1)
+    or as running text with the firing tokens marked ({highlighted}, explainer_v2), optionally with
+    a summary of the strongest tokens ({top_tokens})."""
+    template = load_template(name, required=(), optional=("records", "highlighted", "top_tokens"))
+    if not {"records", "highlighted"} & set(template.placeholders):
+        raise PromptTemplateError(
+            f"explainer prompt template {name!r} shows no excerpts: add a {{records}} or {{highlighted}} placeholder"
+        )
+    return template
 
 
 def render_chat(template: PromptTemplate, **values: str) -> tuple[tuple[str, str], ...]:
@@ -94,9 +109,9 @@ def best_of(texts: Sequence[str]) -> str:
 class LLMExplainer:
     """Explains a neuron from its top excerpts with a chat model and a versioned prompt template."""
 
-    def __init__(self, model: ChatModel, template_name: str = "explainer_v1", max_tokens: int = 60, temperature: float = 0.0):
+    def __init__(self, model: ChatModel, template_name: str = "explainer_v2", max_tokens: int = 60, temperature: float = 0.0):
         self.model = model
-        self.template = load_template(template_name, required=("records",))
+        self.template = load_explainer_template(template_name)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.model_name = model.model_name
@@ -106,9 +121,14 @@ class LLMExplainer:
         )
 
     def request(self, records: Sequence[ActivationRecord], n: int = 1) -> ChatRequest:
-        text = format_records(records, max_activation_of(records))
+        max_activation = max_activation_of(records)
+        fill = {
+            "records": lambda: format_records(records, max_activation),
+            "highlighted": lambda: format_highlighted(records, max_activation),
+            "top_tokens": lambda: format_top_tokens(records, max_activation),
+        }
         return ChatRequest(
-            messages=render_chat(self.template, records=text),
+            messages=render_chat(self.template, **{name: fill[name]() for name in self.template.placeholders}),
             max_tokens=self.max_tokens,
             temperature=self.temperature if n == 1 else max(self.temperature, 0.7),
             n=n,

@@ -75,6 +75,43 @@ def format_records(records: Sequence[ActivationRecord], max_activation: float) -
     return text
 
 
+def _highlight(token: str, value: int) -> str:
+    text = escape_token(token)
+    if value <= 0:
+        return text
+    stripped = text.lstrip(" ")
+    return text[: len(text) - len(stripped)] + f"<<{stripped}>>({value})"
+
+
+def format_highlighted(records: Sequence[ActivationRecord], max_activation: float) -> str:
+    """Excerpts as numbered lines of running text, each token where the neuron fired marked
+    ``<<token>>(value)`` with its 0-10 value: compact, and read like prose by a chat model."""
+    lines = []
+    for number, record in enumerate(records, start=1):
+        values = discretize(record.activations, max_activation)
+        lines.append(f"{number}. " + "".join(_highlight(t, v) for t, v in zip(record.tokens, values)).strip())
+    return "\n".join(lines)
+
+
+def format_top_tokens(records: Sequence[ActivationRecord], max_activation: float, limit: int = 8) -> str:
+    """The tokens with the highest 0-10 values in the excerpts, strongest first, with how often
+    they reached it: the explainer sees at a glance which words carry the neuron."""
+    best: dict[str, tuple[int, int]] = {}
+    for record in records:
+        for token, value in zip(record.tokens, discretize(record.activations, max_activation)):
+            key = escape_token(token.strip())
+            if value <= 0 or not key:
+                continue
+            top, count = best.get(key, (0, 0))
+            best[key] = (value, 1) if value > top else (top, count + (value == top))
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:limit]
+    if not ranked:
+        return "none"
+    return ", ".join(
+        f'"{token}" ({value}{f", {count} times" if count > 1 else ""})' for token, (value, count) in ranked
+    )
+
+
 def max_activation_of(records: Sequence[ActivationRecord]) -> float:
     return max((r.max_activation for r in records), default=0.0)
 
@@ -95,7 +132,7 @@ class PromptTemplateError(ValueError):
 class PromptTemplate:
     name: str
     text: str
-    required: tuple[str, ...]
+    placeholders: tuple[str, ...]  # the fields the template holds (all filled in by the code)
 
     @property
     def hash(self) -> str:
@@ -105,7 +142,7 @@ class PromptTemplate:
         return self.text.format(**values)
 
 
-def load_template(name: str, required: Sequence[str]) -> PromptTemplate:
+def load_template(name: str, required: Sequence[str], optional: Sequence[str] = ()) -> PromptTemplate:
     """Load ``prompts/<name>.txt`` and check it has every placeholder the code fills in, and no other.
 
     ``name`` may also be the path of a template file of one's own (it ends in ``.txt`` or holds a
@@ -134,10 +171,10 @@ def load_template(name: str, required: Sequence[str]) -> PromptTemplate:
         raise PromptTemplateError(
             f"prompt template {name!r} lacks placeholder(s) {', '.join('{' + m + '}' for m in missing)}: add them"
         )
-    unknown = sorted(found - set(required))
+    unknown = sorted(found - set(required) - set(optional))
     if unknown:
         raise PromptTemplateError(
             f"prompt template {name!r} has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}: "
-            f"only {', '.join('{' + r + '}' for r in required)} are filled in; write literal braces as {{{{ and }}}}"
+            f"only {', '.join('{' + r + '}' for r in (*required, *optional))} are filled in; write literal braces as {{{{ and }}}}"
         )
-    return PromptTemplate(template_name, text, tuple(required))
+    return PromptTemplate(template_name, text, tuple(p for p in (*required, *optional) if p in found))

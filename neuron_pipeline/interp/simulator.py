@@ -155,6 +155,47 @@ class AllAtOnceSimulator:
         ]
 
 
+def excerpt_questions(tokens: Sequence[str]) -> tuple[str, list[str]]:
+    """The excerpt once, then one question per token: the token alone (JSON-quoted, so quotes,
+    tabs and newlines stay on one line) and a tab; the value slot follows. A question of a few
+    tokens keeps the cost near the all-at-once prompt's; the token's place is in the excerpt line
+    (which occurrence is asked is not marked: EVALUATION.md shows what that costs on phrases)."""
+    context = f"Excerpt: {json.dumps(''.join(tokens), ensure_ascii=False)}\n"
+    return context, [f"{json.dumps(token, ensure_ascii=False)}\t" for token in tokens]
+
+
+class PerTokenSimulator:
+    """Asks about every token on its own: the explanation, the excerpt, then for one token the
+    distribution over 0..10 in the value slot. Unlike all-at-once,
+    no slot is read after many filler lines, where the value tokens lose almost all probability
+    mass (DESIGN.md); the prefix and each excerpt are computed once and the questions are batched
+    on top (``neuron_pipeline.llm.local.LocalLLM.question_distributions``)."""
+
+    mode = "per_token_logprobs"
+
+    def __init__(self, model, template_name: str = "simulator_per_token_v1"):
+        self.model = model
+        self.template = load_template(template_name, required=("explanation",))
+        self.model_name = model.model_name
+        self.simulator_id = make_simulator_id("per_token", self.model_name, self.template.hash, {})
+
+    def prefix(self, explanation: str) -> str:
+        text = explanation.strip()
+        if text and text[-1] not in ".!?":
+            text += "."
+        return self.template.render(explanation=text)
+
+    def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
+        contexts, questions = zip(*(excerpt_questions(tokens) for tokens in excerpts)) if excerpts else ((), ())
+        distributions = self.model.question_distributions(self.prefix(explanation), contexts, questions)
+        return [
+            SequenceSimulation(
+                tuple(tokens), tuple(float(v) for v in expected_values(d.probabilities)), self.mode, d.prompt_tokens
+            )
+            for tokens, d in zip(excerpts, distributions)
+        ]
+
+
 class ChatSimulator:
     """For chat-only APIs: the model writes "token<TAB>value" lines. With ``top_logprobs`` the
     value is the expected value over the alternatives at each value token; otherwise (or when

@@ -133,6 +133,27 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("simulator_completion_tokens", pa.int64()),
         ]
     ),
+    # The evaluation suite's results (neuron_pipeline/evaluation.py): not partitioned, one row per
+    # (check, explainer model, simulator model, prompt) and run; earlier runs stay (created_at).
+    "evaluations": pa.schema(
+        [
+            ("check", pa.string()),  # puzzle_discrimination | puzzle_explanations | planted_recovery | planted_named
+            ("explainer_model", pa.string()),
+            ("simulator_model", pa.string()),
+            ("prompt", pa.string()),  # explainer / simulator prompt template names
+            ("explainer_id", pa.string()),
+            ("simulator_id", pa.string()),
+            ("value", pa.float64()),  # the check's headline figure, a share or a mean score
+            ("n", pa.int64()),  # pairs, puzzles or neurons it is over
+            ("reference_value", pa.float64()),  # the true explanations' mean score
+            ("baseline_value", pa.float64()),  # the no-LLM baseline's on the same items
+            ("details", pa.string()),  # JSON: per kind, per puzzle, the explanations written
+            ("puzzle_set", pa.string()),
+            ("seconds", pa.float64()),
+            ("machine", pa.string()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
 }
 
 PARTITIONED_TABLES = [name for name, schema in SCHEMAS.items() if PARTITION_COLUMN in schema.names]
@@ -146,6 +167,7 @@ KEYS: dict[str, list[str]] = {
     "simulations": ["layer", "neuron", "explainer_id", "simulator_id", "kind", "rank"],
     "scores": ["layer", "neuron", "explainer_id", "simulator_id"],
     "layer_summary": ["layer", "explainer_id", "simulator_id"],
+    "evaluations": ["created_at", "check", "explainer_model", "simulator_model", "prompt"],
 }
 
 # Parquet row groups of this many rows for the tables read one neuron at a time: their rows are

@@ -11,8 +11,8 @@ import os
 
 from neuron_pipeline.config import ExplainerSettings, SimulatorSettings
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
-from neuron_pipeline.interp.explainer import Explainer, LLMExplainer
-from neuron_pipeline.interp.simulator import AllAtOnceSimulator, ChatSimulator, Simulator
+from neuron_pipeline.interp.explainer import Explainer, LLMExplainer, load_explainer_template
+from neuron_pipeline.interp.simulator import AllAtOnceSimulator, ChatSimulator, PerTokenSimulator, Simulator
 from neuron_pipeline.interp.variants import CalibratedSimulator, RefiningExplainer
 from neuron_pipeline.llm.cache import CachedChatModel, CachedValueModel, LLMCache
 
@@ -52,11 +52,11 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings) -> None:
     if settings.backend == "baseline":
         return
     if isinstance(settings, ExplainerSettings):
-        load_template(settings.prompt, required=("records",))
+        load_explainer_template(settings.prompt)
         if settings.revise:
             load_template(RefiningExplainer.reviser_template, required=("explanation", "records"))
     else:
-        load_template(settings.prompt, required=("explanation",))
+        load_template(settings.template_for(_local_mode(settings)), required=("explanation",))
     if settings.backend == "openai":
         from neuron_pipeline.llm.openai_api import check_reachable, require_key
 
@@ -87,15 +87,24 @@ def _make_simulator(settings: SimulatorSettings, cache: LLMCache | None) -> Simu
     if settings.backend == "baseline":
         return BaselineSimulator()
     backend = make_backend(settings)
-    mode = settings.mode
+    mode = _local_mode(settings)
     if mode == "auto":
         supports = getattr(backend, "supports_prompt_logprobs", None)
         mode = "prompt_logprobs" if supports is None or supports() else "top_logprobs"
-    if mode == "prompt_logprobs":
+    template = settings.template_for(mode)
+    if mode in ("per_token", "prompt_logprobs"):
         value_model = CachedValueModel(backend, cache) if cache is not None else backend
-        return AllAtOnceSimulator(value_model, settings.prompt)
+        if mode == "per_token":
+            return PerTokenSimulator(value_model, template)
+        return AllAtOnceSimulator(value_model, template)
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
-    return ChatSimulator(chat_model, settings.prompt, use_logprobs=mode == "top_logprobs")
+    return ChatSimulator(chat_model, template, use_logprobs=mode == "top_logprobs")
+
+
+def _local_mode(settings: SimulatorSettings) -> str:
+    """A local model's automatic mode: per-token questions (EVALUATION.md: they follow an
+    explanation far better than all-at-once slots, which lose the value tokens' probability mass)."""
+    return "per_token" if settings.mode == "auto" and settings.backend == "local" else settings.mode
 
 
 __all__ = ["LLMCache", "check_llm_settings", "make_backend", "make_explainer", "make_simulator"]

@@ -192,6 +192,36 @@ class CachedValueModel:
         return results  # type: ignore[return-value]
 
 
+    def question_distributions(
+        self, prefix: str, contexts: Sequence[str], questions: Sequence[Sequence[str]]
+    ) -> list[SlotDistributions]:
+        """The per-token simulator's calls, cached per excerpt like ``value_distributions``."""
+        keys = [
+            self.cache.key(self.model_name, "question_distributions", [prefix, context, list(q)])
+            for context, q in zip(contexts, questions)
+        ]
+        results: list[SlotDistributions | None] = []
+        missing = []
+        for i, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.hits += 1
+                data = json.loads(hit)
+                results.append(SlotDistributions(np.asarray(data["probabilities"], dtype=np.float64), data["prompt_tokens"]))
+            else:
+                self.cache.misses += 1
+                results.append(None)
+                missing.append(i)
+        if missing:
+            fresh = self.model.question_distributions(prefix, [contexts[i] for i in missing], [questions[i] for i in missing])
+            for i, distribution in zip(missing, fresh):
+                results[i] = distribution
+                self.new_prompt_tokens += distribution.prompt_tokens
+                payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
+                self.cache.put(keys[i], self.model_name, "question_distributions", json.dumps(payload))
+        return results  # type: ignore[return-value]
+
+
 def _as_they_arrive(futures: Sequence[concurrent.futures.Future], indices: Sequence[int], store) -> None:
     """Call ``store(index, result or exception)`` for each future as soon as it resolves."""
     where = {future: index for future, index in zip(futures, indices)}

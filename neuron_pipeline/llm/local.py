@@ -24,6 +24,10 @@ from neuron_pipeline.subject.loading import SubjectLoadError, resolve_device, re
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOADED: dict[tuple, tuple] = {}
 _LOAD_LOCK = threading.Lock()
+# Below this many tokens in common, recomputing a prefix is cheaper than copying a cache.
+MIN_REUSED_PREFIX = 32
+# Per-token questions are a few tokens each: many share one copy of the excerpt's cache.
+QUESTION_BATCH = 32
 
 
 def _load(model: str, device: str, dtype: str):
@@ -100,6 +104,7 @@ class LocalLLM:
         self.batch_size = batch_size
         self.values = _value_tokens(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self._last_prefix: tuple[list[int], object, torch.Tensor] | None = None
 
     # --- chat -----------------------------------------------------------------------------
 
@@ -172,11 +177,37 @@ class LocalLLM:
         return encoded["input_ids"], slot_tokens
 
     def _run_prefix(self, prefix_ids: list[int]) -> tuple[object, torch.Tensor, int]:
-        """The shared prefix's KV cache, its last hidden state and its length."""
-        out = self.model.base_model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True)
+        """The shared prefix's KV cache, its last hidden state and its length.
+
+        Consecutive prefixes share their head (the prompt's instructions and worked examples;
+        only the explanation differs): the previous prefix's cache is cropped to the tokens in
+        common and only the rest is computed. Callers copy the returned cache before extending it."""
+        start, cache = 0, None
+        if self._last_prefix is not None:
+            last_ids, last_cache, last_hidden = self._last_prefix
+            common = 0
+            for a, b in zip(last_ids, prefix_ids):
+                if a != b:
+                    break
+                common += 1
+            if common == len(prefix_ids) == len(last_ids):
+                return last_cache, last_hidden, common
+            if common >= MIN_REUSED_PREFIX:
+                start, cache = min(common, len(prefix_ids) - 1), copy.deepcopy(last_cache)
+                if start < len(last_ids):
+                    cache.crop(start - len(last_ids))  # a negative count: the tokens dropped from the end
+        out = self.model.base_model(
+            input_ids=torch.tensor([prefix_ids[start:]], device=self.device),
+            past_key_values=cache,
+            cache_position=torch.arange(start, len(prefix_ids), device=self.device),
+            use_cache=True,
+        )
+        self._last_prefix = (list(prefix_ids), out.past_key_values, out.last_hidden_state[0, -1])
         return out.past_key_values, out.last_hidden_state[0, -1], len(prefix_ids)
 
-    def _slot_logits(self, prefix: tuple[object, torch.Tensor, int], suffix_ids: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+    def _slot_logits(
+        self, prefix: tuple[object, torch.Tensor, int], suffix_ids: list[list[int]], positions: list[list[int]], batch_size: int | None = None
+    ) -> list[torch.Tensor]:
         """Log-probabilities [len(positions[i]), vocab] of the token *following* each listed
         suffix position (-1 means the last prefix token), after the prefix run by ``_run_prefix``
         (computed once per neuron, its KV cache copied into every batch)."""
@@ -184,8 +215,9 @@ class LocalLLM:
         head = self.model.get_output_embeddings()
         prefix_cache, last_prefix_hidden, n_prefix = prefix
         results: list[torch.Tensor] = [None] * len(suffix_ids)  # type: ignore[list-item]
-        for start in range(0, len(suffix_ids), self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, len(suffix_ids))))
+        batch_size = batch_size or self.batch_size
+        for start in range(0, len(suffix_ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(suffix_ids))))
             length = max(len(suffix_ids[r]) for r in rows)
             batch = torch.full((len(rows), length), self.pad_id, dtype=torch.long, device=self.device)
             for i, r in enumerate(rows):
@@ -235,6 +267,45 @@ class LocalLLM:
             SlotDistributions(self._distributions(lp, sp), len(prefix_ids) + len(e[0]))
             for lp, sp, e in zip(slot_logprobs, split, encoded)
         ]
+
+    @torch.inference_mode()
+    def question_distributions(
+        self, prefix: str, contexts: Sequence[str], questions: Sequence[Sequence[str]]
+    ) -> list[SlotDistributions]:
+        """Per context (an excerpt), the value distribution after each of its questions, every
+        question asked on its own: prefix + context + question, the value slot at the question's
+        end. The prefix is run once, each context once on top of it, and the questions in batches
+        on top of that; a value written with two tokens ("10") is split by appending its first
+        token to the question, so one forward pass answers both."""
+        if not contexts:
+            return []
+        v = self.values
+        base = self.model.base_model
+        prefix_ids = self.tokenizer(prefix)["input_ids"]
+        prefix_cache, _, n_prefix = self._run_prefix(prefix_ids)
+        results = []
+        for context, context_questions in zip(contexts, questions):
+            context_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            cache = copy.deepcopy(prefix_cache)
+            out = base(
+                input_ids=torch.tensor([context_ids], device=self.device),
+                past_key_values=cache,
+                cache_position=torch.arange(n_prefix, n_prefix + len(context_ids), device=self.device),
+                use_cache=True,
+            )
+            context_run = (out.past_key_values, out.last_hidden_state[0, -1], n_prefix + len(context_ids))
+            question_ids = [self.tokenizer(q, add_special_tokens=False)["input_ids"] for q in context_questions]
+            if v.split_first is not None:
+                suffixes = [ids + [v.split_first] for ids in question_ids]
+                positions = [[len(ids) - 1, len(ids)] for ids in question_ids]
+            else:
+                suffixes, positions = question_ids, [[len(ids) - 1] for ids in question_ids]
+            logprobs = self._slot_logits(context_run, suffixes, positions, QUESTION_BATCH)
+            slot = torch.stack([lp[0] for lp in logprobs])
+            split = torch.stack([lp[1] for lp in logprobs]) if v.split_first is not None else None
+            prompt_tokens = len(prefix_ids) + len(context_ids) + sum(len(s) for s in suffixes)
+            results.append(SlotDistributions(self._distributions(slot, split), prompt_tokens))
+        return results
 
     @torch.inference_mode()
     def reference_value_distributions(self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]) -> list[SlotDistributions]:
