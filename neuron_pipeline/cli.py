@@ -336,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """The evaluation suite on ground truth for the configured (or named) explainers and simulators."""
     from data_quality import QualityParams, validate_table
     from neuron_pipeline.evaluation import run_evaluation, write_report
-    from neuron_pipeline.interp.puzzles import PUZZLES
+    from neuron_pipeline.interp.puzzles import PUZZLES, balanced_subset
     from neuron_pipeline.lake import write_table
     from neuron_pipeline.subject.loading import resolve_model_path
 
@@ -355,7 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    puzzles = PUZZLES[: args.puzzles] if args.puzzles else PUZZLES
+    puzzles = balanced_subset(args.puzzles) if args.puzzles else PUZZLES
     _check_lake_folder(settings.lake_location)
     frame = run_evaluation(settings, puzzles, planted=not args.no_planted, say=lambda line: print(line, flush=True))
     report = validate_table("evaluations", frame, QualityParams())
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="measure the explainers and simulators on puzzles and planted neurons")
     _common(evaluate)
     evaluate.add_argument("--models", help="evaluate these local models (comma-separated aliases) instead of the config's entries")
-    evaluate.add_argument("--puzzles", type=int, help="only the first N puzzles (default: all)")
+    evaluate.add_argument("--puzzles", type=int, help="only N puzzles, taken round-robin over the kinds (default: all)")
     evaluate.add_argument("--no-planted", action="store_true", help="skip the planted-neuron checks")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads")
     evaluate.add_argument("--report", default="EVALUATION.md", help="where to write the report (default EVALUATION.md)")

@@ -524,3 +524,17 @@ PUZZLES: tuple[Puzzle, ...] = (
         "verbs",
     ], ["after not", "negated", "following not", "after \"not\""]),
 )
+
+
+def balanced_subset(count: int, puzzles: Sequence[Puzzle] = PUZZLES) -> tuple[Puzzle, ...]:
+    """The first ``count`` puzzles taken round-robin over the kinds, so a short run still covers
+    single tokens, families, syntax, position, topics, phrases and negation."""
+    by_kind: dict[str, list[Puzzle]] = {}
+    for p in puzzles:
+        by_kind.setdefault(p.kind, []).append(p)
+    chosen: list[Puzzle] = []
+    while len(chosen) < min(count, len(puzzles)):
+        for group in by_kind.values():
+            if group and len(chosen) < count:
+                chosen.append(group.pop(0))
+    return tuple(chosen)

