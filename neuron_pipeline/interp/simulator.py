@@ -13,6 +13,7 @@ import numpy as np
 
 from neuron_pipeline.interp.explainer import EXPLANATION_PREFIX, render_chat
 from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ValueDistributionModel, chat_all
+from neuron_pipeline.interp.reporting import UnusableCompletion
 from neuron_pipeline.interp.prompts import END_MARKER, MAX_VALUE, START_MARKER, content_hash, escape_token, load_template
 
 # What stands in a value slot in the all-at-once prompt: the model never sees other predictions.
@@ -196,7 +197,9 @@ class ChatSimulator:
                 values = values_from_top_logprobs(response.logprobs[0], len(tokens))
             mode = "chat_top_logprobs"
             if values is None:
-                values, _ = parse_simulated_values(text, len(tokens))
+                values, parsed = parse_simulated_values(text, len(tokens))
+                if not parsed:  # not one "token<TAB>value" line: reported as unusable, not as all zeros
+                    raise UnusableCompletion(text)
                 mode = "chat_integers"
             results.append(
                 SequenceSimulation(tuple(tokens), tuple(values), mode, response.prompt_tokens, response.completion_tokens)

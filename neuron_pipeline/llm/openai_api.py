@@ -69,7 +69,7 @@ import aiohttp
 import numpy as np
 
 from neuron_pipeline.config import ConfigError
-from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
+from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs, without_prefill
 from neuron_pipeline.interp.prompts import MAX_VALUE
 from neuron_pipeline.interp.simulator import refill_slots
 
@@ -463,7 +463,8 @@ class OpenAICompatible:
     async def _chat(self, request: ChatRequest) -> ChatResponse:
         params: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": role, "content": content} for role, content in request.messages],
+            # A trailing assistant prefill is never assumed to be continued (interp/llm_protocol.py).
+            "messages": [{"role": role, "content": content} for role, content in without_prefill(request.messages)],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "n": request.n,
