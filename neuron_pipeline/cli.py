@@ -254,7 +254,9 @@ def _print_summary(settings, layers: list[int], report=None) -> None:
         "best neuron",
         "explanation",
     ):
-        table.add_column(column)
+        # Labels (model · prompt · variant) over the hash ids; the explanation gets what is left.
+        width = {"explainer": 30, "simulator": 30}.get(column)
+        table.add_column(column, min_width=width, max_width=40 if column == "explanation" else None, overflow="fold")
     for row in summary.with_columns(pl.col("layer").cast(pl.Int64)).sort("layer", "explainer_id").iter_rows(named=True):
         mean = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}"
         best = "n/a" if row["best_neuron"] is None else f"{row['best_neuron']} ({row['best_score']:.2f})"

@@ -79,6 +79,20 @@ def _strip_lead(text: str) -> str:
     return text[match.end() :].strip() if match else text
 
 
+def _strip_quotes(text: str) -> str:
+    """Quotes around the whole answer, or left unpaired at either end; a quoted word at the end
+    of the explanation ('the word "cup"') keeps its quotes."""
+    for quote in "\"'`":
+        inner = text[1:-1]
+        if len(text) >= 2 and text[0] == text[-1] == quote and quote not in inner:
+            text = inner.strip()
+        if text.startswith(quote) and text.count(quote) % 2:
+            text = text[1:].strip()
+        if text.endswith(quote) and text.count(quote) % 2:
+            text = text[:-1].strip()
+    return text
+
+
 def is_usable_explanation(text: str) -> bool:
     """Words, not an echo of the excerpt listing (tabs, markers) or special tokens."""
     if not re.search(r"[^\W\d_]{2,}", text):
@@ -103,7 +117,7 @@ def parse_explanation(completion: str) -> str:
     if sentence_end:
         text = text[: sentence_end.start()]
     for _ in range(2):  # quotes and a final period, in either order
-        text = text.strip().strip("\"'`").strip()
+        text = _strip_quotes(text.strip())
         if text.endswith(".") and not text.endswith("..."):
             text = text[:-1].rstrip()
     text = text[:MAX_EXPLANATION_CHARS]
