@@ -327,6 +327,8 @@ def test_partial_failures_are_visible_in_summary_metadata_viewer_and_show(tmp_pa
     assert (reports["explanations"][llm_id]["attempted"], reports["explanations"][llm_id]["failed"]) == (4, 2)
     assert reports["explanations"][llm_id]["first_error"].startswith("LLMRequestError")
     assert (reports["simulations"][chat_id]["attempted"], reports["simulations"][chat_id]["unusable"]) == (6, 1)
+    by_pair = instance.get_latest_materialization_event(dg.AssetKey("scores")).asset_materialization.metadata["scores_by_pair"]
+    assert "fake-model · explainer_v1" in by_pair.value and "baseline · token look-up" in by_pair.value
     instance.dispose()
 
     # Viewer: headline per pair with neuron counts, labels, the failure table; no meaningless pair.

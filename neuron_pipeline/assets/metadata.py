@@ -91,9 +91,28 @@ def score_metadata(scores: pl.DataFrame, lake=None) -> dict[str, Any]:
     for q in QUANTILES:
         out[f"p{int(q * 100)}_score"] = float(valid.quantile(q, interpolation="linear"))
     out["frac_score_ge_0_8"] = float((valid >= 0.8).mean())
+    out["scores_by_pair"] = dg.MetadataValue.md(_markdown(scores_by_pair(scores)))
     out["score_histogram"] = dg.MetadataValue.md(score_histogram_markdown(scores))
     out["top_neurons"] = top_neurons_table(scores, lake)
     return out
+
+
+def scores_by_pair(scores: pl.DataFrame) -> pl.DataFrame:
+    """The headline figures per (explainer, simulator) pair with its neuron count: the mean over
+    all rows mixes pairs (an LLM's scores with the baseline's)."""
+    labels = [c for c in ("explainer_label", "simulator_label") if c in scores.columns]
+    return (
+        scores.group_by("explainer_id", "simulator_id")
+        .agg(
+            *[pl.col(c).drop_nulls().first() for c in labels],
+            pl.col("score").is_not_null().sum().alias("neurons_scored"),
+            pl.col("score").is_null().sum().alias("neurons_null"),
+            pl.col("score").mean().alias("mean_score"),
+            (pl.col("score") >= 0.8).sum().alias("score_ge_0_8"),
+        )
+        .sort("explainer_id", "simulator_id")
+        .select(*labels, "explainer_id", "simulator_id", "neurons_scored", "neurons_null", "mean_score", "score_ge_0_8")
+    )
 
 
 def score_histogram_markdown(scores: pl.DataFrame) -> str:
