@@ -2,7 +2,6 @@
 
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
@@ -10,6 +9,7 @@ from neuron_pipeline.assets.explanations import load_neuron_records, select_subs
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
 from neuron_pipeline.assets.metadata import cost_metadata, failure_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -35,12 +35,13 @@ def simulate_layer(
         if row["error"] is None:  # failed simulations are retried
             kept.setdefault((row["neuron"], row["input_hash"]), []).append({**row, "simulator_label": label})
     rows, calls, failed = [], 0, []
-    for explanation in tqdm(
+    for explanation in track(
         explanations.sort("neuron").iter_rows(named=True),
         total=explanations.height,
-        desc=f"simulate {simulator.simulator_id}",
+        stage="simulations",
+        layer=explanations["layer"][0] if explanations.height else None,
         unit="neuron",
-        disable=None,
+        detail=simulator.simulator_id,
     ):
         neuron = explanation["neuron"]
         if explanation["error"] is not None or neuron not in records_by_neuron:
