@@ -322,6 +322,12 @@ def _preflight(settings) -> None:
         check_table_schema(settings.lake_location, table)
     for llm_settings in [*settings.explainers, *settings.simulators]:
         check_llm_settings(llm_settings)
+    # The token look-up simulates only the baseline's token lists (interp/reporting.py).
+    if all(e.backend != "baseline" for e in settings.explainers) and all(s.backend == "baseline" for s in settings.simulators):
+        raise UserError(
+            "simulators: only the baseline simulator is configured, and it simulates only the baseline explainer's "
+            "token lists: add a simulator with backend local or openai to score the LLM explanations"
+        )
 
 
 def _print_summary(settings, layers: list[int], report=None) -> None:

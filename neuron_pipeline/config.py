@@ -259,17 +259,6 @@ class Settings(_Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _llm_explanations_have_an_llm_simulator(self) -> "Settings":
-        # The token look-up reads only the baseline's quoted tokens (interp/reporting.py): prose
-        # explanations with no LLM simulator would never be scored.
-        if any(e.backend != "baseline" for e in self.explainers) and all(s.backend == "baseline" for s in self.simulators):
-            raise ValueError(
-                "simulators: only the baseline simulator is configured, and it simulates only the baseline "
-                "explainer's token lists: add a simulator with backend local or openai to score the LLM explanations"
-            )
-        return self
-
     @property
     def lake_location(self) -> "Lake":
         """Where the lake is (a folder, resolved against the current directory, or a URI) with its

@@ -137,11 +137,15 @@ def test_meaningful_pairs_one_rule_in_python_and_polars():
     assert [pair_is_meaningful(*p) for p in pairs] == [True, True, True, False]
 
 
-def test_configuring_llm_explainers_without_an_llm_simulator_is_one_clear_error():
-    from neuron_pipeline.config import ConfigError, load_settings
+def test_llm_explainers_with_only_the_token_lookup_simulator_is_one_clear_error(tmp_path, capsys):
+    from neuron_pipeline.cli import EXIT_USER_ERROR, main
 
-    with pytest.raises(ConfigError, match="add a simulator with backend local or openai"):
-        load_settings(profile="demo", overrides={"explainers": [{"backend": "local"}], "simulators": [{"backend": "baseline"}]}, environ={})
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"explainers": [{"backend": "local"}], "simulators": [{"backend": "baseline"}]}))
+    code = main(["run", "--config", str(config), "--lake", str(tmp_path / "lake"), "--layers", "0", "--neurons", "0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == EXIT_USER_ERROR and len(err) == 1 and "add a simulator with backend local or openai" in err[0]
+    assert not (tmp_path / "lake").exists()
 
 
 # --------------------------------------------------------------------------- failure report

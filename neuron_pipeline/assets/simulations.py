@@ -148,7 +148,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         pl.concat(per_layer),
                         [str(layer) for layer in simulator_layers],
                     )
-        combined = pl.concat([frame for frame, _ in frames.values()])
+        # No frames: no (explainer, simulator) pair means anything (the gate then says the table is empty).
+        combined = pl.concat([frame for frame, _ in frames.values()]) if frames else table_frame("simulations", [])
         report = yield from gate("simulations", combined, QualityParams.from_settings(settings))
         for (explainer_id, simulator_id), (frame, simulator_layers) in frames.items():
             write_table(
