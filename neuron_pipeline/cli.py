@@ -128,12 +128,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate
         raise RunFailed(f"{(exc.description or 'a step failed').splitlines()[0]}{_failed_calls(settings, layers)}") from None
     _print_summary(settings, layers)
+    _print_value_mass_warning(settings, layers)
     if any(faults.values()):
         print("API faults met (retried, or recorded with the neuron): " + "; ".join(
             f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
             for role, kinds in faults.items() if kinds
         ))
     return 0
+
+
+def _print_value_mass_warning(settings, layers: list[int]) -> None:
+    """A line when some neurons' simulations saw under 90% of the value tokens' mass (a top-k API)."""
+    from neuron_pipeline.assets.metadata import VALUE_MASS_WARNING, low_value_mass
+    from neuron_pipeline.lake import read_table
+
+    try:
+        simulations = read_table(settings.lake_location, "simulations", where={"layer": [str(layer) for layer in layers]})
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    low = low_value_mass(simulations)
+    if low.height:
+        worst = low.row(0, named=True)
+        print(
+            f"warning: {low.height} neuron(s) were simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+            f"probability mass (worst: layer {worst['layer']} neuron {worst['neuron']}, {worst['value_mass']:.2f}, "
+            f"{worst['simulator_id']}): the API's top-k logprobs dropped the digits, so their scores are unreliable; "
+            "query value_mass in simulations"
+        )
 
 
 def _add_faults(total: dict[str, dict[str, int]], result) -> None:

@@ -81,7 +81,7 @@ import openai
 from neuron_pipeline.config import ConfigError
 from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
 from neuron_pipeline.interp.prompts import MAX_VALUE
-from neuron_pipeline.interp.simulator import refill_slots
+from neuron_pipeline.interp.simulator import DIGIT_TOKENS, VALUE_TOKENS, captured_value_mass, refill_slots
 
 log = logging.getLogger(__name__)
 
@@ -817,6 +817,8 @@ class OpenAICompatible:
                 raise outcome
         tops, prompt_tokens = outcomes[0]
         probs = np.array([_value_probabilities(top) for top in tops], dtype=np.float64).reshape(len(tops), MAX_VALUE + 1)
+        value_tokens = DIGIT_TOKENS if fmt.split_ten else VALUE_TOKENS
+        mass = np.array([captured_value_mass(top, value_tokens) for top in tops], dtype=np.float64)
         if fmt.split_ten:
             after_one, _ = outcomes[1]
             shared = probs[:, 1].copy()
@@ -826,7 +828,7 @@ class OpenAICompatible:
                 ratio = p_long / (p_long + p_end) if p_long + p_end > 0 else 0.0
                 probs[row, 1] = shared[row] * (1 - ratio)
                 probs[row, MAX_VALUE] = shared[row] * ratio
-        return SlotDistributions(probs, prompt_tokens)
+        return SlotDistributions(probs, prompt_tokens, mass)
 
 
 
