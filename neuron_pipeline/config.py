@@ -200,6 +200,8 @@ class PlatformSettings(_Section):
     schedule_timezone: str = "UTC"
     # How often the prompt / settings sensor looks for a change.
     sensor_interval_s: int = Field(60, ge=5)
+    # Seconds between progress lines of a long stage (run log, and stdout without a terminal).
+    progress_interval_s: float = Field(30.0, gt=0)
     k8s: KubernetesSettings = KubernetesSettings()
 
     @model_validator(mode="after")

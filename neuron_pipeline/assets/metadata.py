@@ -198,6 +198,18 @@ def cost_metadata(entries: list[tuple[Any, Any]], rows: pl.DataFrame | None = No
     return out
 
 
+def spend(entries: list[tuple[Any, Any]]) -> tuple[int, float]:
+    """New (paid) tokens and dollars so far of the LLM clients inside ``entries`` ((settings,
+    explainer or simulator) pairs); a client shared by several entries counts once."""
+    seen: set = set()
+    tokens, usd = 0, 0.0
+    for entry, obj in entries:
+        prompt, completion = _new_tokens(obj, seen=seen)
+        tokens += prompt + completion
+        usd += _usd(entry, prompt, completion)
+    return tokens, usd
+
+
 def _markdown(frame: pl.DataFrame) -> str:
     if frame.is_empty():
         return "(none)"

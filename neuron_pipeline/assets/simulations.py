@@ -2,7 +2,6 @@
 
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
@@ -17,6 +16,7 @@ from neuron_pipeline.assets.metadata import (
     publish_layers,
     value_mass_metadata,
 )
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -39,12 +39,13 @@ def simulate_layer(
     for row in existing.iter_rows(named=True):
         kept.setdefault((row["neuron"], row["input_hash"]), []).append(row)
     rows, calls, failed = [], 0, []
-    for explanation in tqdm(
+    for explanation in track(
         explanations.sort("neuron").iter_rows(named=True),
         total=explanations.height,
-        desc=f"simulate {simulator.simulator_id}",
+        stage="simulations",
+        layer=explanations["layer"][0] if explanations.height else None,
         unit="neuron",
-        disable=None,
+        detail=simulator.simulator_id,
     ):
         neuron = explanation["neuron"]
         if explanation["error"] is not None or neuron not in records_by_neuron:
