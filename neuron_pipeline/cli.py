@@ -228,6 +228,7 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
 
     report = report_from_metadata(failure_reports)
     _print_summary(settings, layers, report)
+    _print_value_mass_warning(settings, layers)
     if any(faults.values()):
         print("API faults met (retried, or recorded with the neuron): " + "; ".join(
             f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
@@ -274,6 +275,26 @@ def _raise_total_failures(report) -> None:
     if total.height:
         raise RunFailed(
             "; ".join(describe_failure(row) for row in total.iter_rows(named=True)) + " - every call failed or was unusable"
+        )
+
+
+def _print_value_mass_warning(settings, layers: list[int]) -> None:
+    """A line when some neurons' simulations saw under 90% of the value tokens' mass (a top-k API)."""
+    from neuron_pipeline.assets.metadata import VALUE_MASS_WARNING, low_value_mass
+    from neuron_pipeline.lake import read_table
+
+    try:
+        simulations = read_table(settings.lake_location, "simulations", where={"layer": [str(layer) for layer in layers]})
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    low = low_value_mass(simulations)
+    if low.height:
+        worst = low.row(0, named=True)
+        print(
+            f"warning: {low.height} neuron(s) were simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+            f"probability mass (worst: layer {worst['layer']} neuron {worst['neuron']}, {worst['value_mass']:.2f}, "
+            f"{worst['simulator_id']}): the API's top-k logprobs dropped the digits, so their scores are unreliable; "
+            "query value_mass in simulations"
         )
 
 
