@@ -16,7 +16,7 @@ from neuron_pipeline.interp.prompts import (
     max_activation_of,
 )
 from neuron_pipeline.interp.records import ActivationRecord
-from neuron_pipeline.interp.reporting import UnusableCompletion, error_text
+from neuron_pipeline.interp.reporting import UNUSABLE_PREFIX, UnusableCompletion, error_text
 
 # The paper's framing: explanations complete this sentence, and the simulator is shown it.
 EXPLANATION_PREFIX = "the main thing this neuron does is find"
@@ -172,5 +172,5 @@ def _to_explanation(response: ChatResponse | Exception) -> Explanation:
     text = best_of(response.texts)
     error = None
     if not text:
-        error = str(UnusableCompletion(response.texts[0] if response.texts else ""))
+        error = str(UnusableCompletion(response.texts[0])) if response.texts else f"{UNUSABLE_PREFIX}: no completion"
     return Explanation(text, response.prompt_tokens, response.completion_tokens, error=error)
