@@ -182,6 +182,10 @@ def test_batch_mode_through_the_pipeline(tmp_path, monkeypatch):
     assert simulations.height > 0 and set(simulations["mode"]) == {"chat_top_logprobs"}
     tokens = int(simulations["prompt_tokens"].sum() + simulations["completion_tokens"].sum())
     assert metadata["simulations"]["usd_in_layers"] == pytest.approx(tokens / 1e6 / 2, rel=1e-6)
+    # The bill of the configured run, before it was paid, on the explanations asset.
+    plan = metadata["explanations"]
+    assert plan["plan_neurons"] == 2 and plan["plan_calls"] == 2 + 2 * 10
+    assert plan["plan_usd_batch"] == pytest.approx(plan["plan_usd_online"] / 2, abs=1e-4)  # rounded to 4 places
     store = LLMCache(lake / "_llm_cache" / "calls.sqlite")
     assert store.batches() and all(b["status"] == "completed" for b in store.batches())
 
