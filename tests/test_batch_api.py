@@ -114,6 +114,15 @@ print("ANSWERED", flush=True)
 """
 
 
+def _batches_recorded(cache: Path) -> int:
+    if not cache.exists():
+        return 0
+    try:
+        return sqlite3.connect(cache).execute("SELECT count(*) FROM batches").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
 def test_a_run_killed_while_its_batch_is_pending_resumes_it_without_paying_again(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with FakeOpenAIServer(max_lifetime_s=120, batch_polls=10**6) as fake:  # the batch stays in progress
@@ -122,7 +131,7 @@ def test_a_run_killed_while_its_batch_is_pending_resumes_it_without_paying_again
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # until the batch id is on disk and it is being polled
-                if cache.exists() and sqlite3.connect(cache).execute("SELECT count(*) FROM batches").fetchone()[0] and len(fake.gets) >= 2:
+                if _batches_recorded(cache) and len(fake.gets) >= 2:
                     break
                 assert process.poll() is None, process.stderr.read()[-2000:]
                 time.sleep(0.05)
