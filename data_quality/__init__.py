@@ -17,6 +17,7 @@ from data_quality import (
     explanations,
     layer_summary,
     neuron_activations,
+    scorer_results,
     scores,
     simulations,
 )
@@ -29,6 +30,7 @@ _MODULES = {
     "explanations": explanations,
     "simulations": simulations,
     "scores": scores,
+    "scorer_results": scorer_results,
     "layer_summary": layer_summary,
 }
 

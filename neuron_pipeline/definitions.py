@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from neuron_pipeline.assets import automation, capture, corpus, explanations, scores, simulations, summary, viewer
+from neuron_pipeline.assets import automation, capture, corpus, explanations, scorers, scores, simulations, summary, viewer
 from neuron_pipeline.assets.deployment import executor_for, gpu_op_tags
 from neuron_pipeline.assets.jobs import build_jobs
 from neuron_pipeline.assets.partitions import layer_partitions
@@ -69,6 +69,7 @@ def build_definitions(
         explanations.build(partitions, op_tags=gpu_tags),
         simulations.build(partitions, op_tags=gpu_tags),
         scores.build(partitions),
+        scorers.build(partitions, op_tags=gpu_tags),
         summary.build(partitions),
     ]
     assets = [corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer]
