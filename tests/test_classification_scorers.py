@@ -190,7 +190,9 @@ def test_a_malformed_reply_is_asked_again_with_the_format():
     [result] = DetectionScorer(model, group_size=4, use_logprobs=False).score_many([("cats", _sample())])
     assert len(model.requests) == 2
     retry = model.requests[1].messages
-    assert retry[-2] == ("assistant", "1: yes\n2: no") and "exactly 4 lines" in retry[-1][1]
+    # The bad reply, the format, and the prefill the template ends with.
+    assert retry[-3] == ("assistant", "1: yes\n2: no") and "exactly 4 lines" in retry[-2][1]
+    assert retry[-1] == ("assistant", "1:") and sum(role == "assistant" and text == "1:" for role, text in retry) == 1
     assert result.failed_groups == 0 and result.calls == 2 and result.metrics.n_judged == 4
     assert result.prompt_tokens == 200 and result.completion_tokens == 20
 
@@ -335,7 +337,7 @@ def test_fake_server_garbled_reply_is_retried_then_recorded_failed(server):
     [ok] = scorer.score_many([('the word "monday"', _days_sample())])
     assert ok.failed_groups == 0 and ok.metrics.balanced_accuracy == 1.0 and ok.calls == 2
     second = server.posts("/chat/completions")[-1].body["messages"]
-    assert second[-2] == {"role": "assistant", "content": "1: yes\nI am not sure about the others."}
+    assert second[-3] == {"role": "assistant", "content": "1: yes\nI am not sure about the others."}
     server.reset()
     server.script("garbled", "garbled")
     [failed] = scorer.score_many([('the word "monday"', _days_sample())])
@@ -361,13 +363,11 @@ def test_fuzzing_through_the_fake_openai_server(server):
 def test_detection_with_the_bundled_smollm2():
     from neuron_pipeline.llm.local import LocalLLM
 
-    scorer = DetectionScorer(LocalLLM("smollm2-135m-instruct"), group_size=4, max_retries=1)
+    scorer = DetectionScorer(LocalLLM("smollm2-135m-instruct"), group_size=5, max_retries=0)
     [result] = scorer.score_many([("names of days of the week", _days_sample())])
-    # A 135M model may answer badly, but every excerpt is either judged or its group failed.
-    judged = [p for p in result.predictions if p is not None]
-    assert len(judged) == result.metrics.n_judged
-    assert result.failed_groups + (result.metrics.n_judged > 0) >= 1
-    assert result.calls >= 2 and result.prompt_tokens > 0
-    if result.metrics.n_judged == 5:
-        assert result.metrics.balanced_accuracy is not None
-        assert result.metrics.auroc is not None  # local models give top_logprobs
+    # The template's "1:" prefill keeps even a 135M model in the answer format.
+    assert result.failed_groups == 0 and result.calls == 1 and result.prompt_tokens > 0
+    assert result.metrics.n_judged == 5 and all(p is not None for p in result.predictions)
+    assert result.metrics.balanced_accuracy is not None
+    # Local models give top_logprobs: p(yes) for every excerpt, hence an AUROC.
+    assert all(0.0 <= p <= 1.0 for p in result.probabilities) and result.metrics.auroc is not None

@@ -228,6 +228,17 @@ def parse_yes_no(text: str, n: int) -> dict[int, tuple[bool, int]]:
     return answers
 
 
+def _parse_with_prefill(text: str, prefill: str, n: int) -> tuple[dict[int, tuple[bool, int]], int]:
+    """Parse the prefill and its continuation, else the reply alone; returns the answers and the
+    length of the prefill their offsets include."""
+    if prefill:
+        try:
+            return parse_yes_no(prefill + text, n), len(prefill)
+        except MalformedAnswer:
+            pass
+    return parse_yes_no(text, n), 0
+
+
 def yes_probability(logprobs: Sequence[TokenLogprobs], offset: int) -> float | None:
     """p(yes) / (p(yes) + p(no)) at the generated token holding the character ``offset``, from its
     top alternatives; None when neither word is among them."""
@@ -292,21 +303,26 @@ def judge_groups(
             spent["prompt_tokens"] += response.prompt_tokens
             spent["completion_tokens"] += response.completion_tokens
             text = response.texts[0] if response.texts else ""
+            # A template may end in an assistant prefill ("1:"): a local model continues it, an API
+            # model may answer from the start; either reading is accepted.
+            prefill = group.messages[-1][1] if group.messages[-1][0] == "assistant" else ""
             try:
-                parsed = parse_yes_no(text, len(group.items))
+                parsed, shift = _parse_with_prefill(text, prefill, len(group.items))
             except MalformedAnswer as exc:
                 group.failure = f"malformed answer ({exc}): {text[:120]!r}"
                 if group.attempts <= max_retries:
                     n = len(group.items)
-                    group.messages = group.messages + (
-                        ("assistant", text.strip() or "(no answer)"),
+                    head = group.messages[:-1] if prefill else group.messages
+                    said = text if text.lstrip().startswith("1") else prefill + text
+                    group.messages = head + (
+                        ("assistant", said.strip() or "(no answer)"),
                         ("user", RETRY_MESSAGE.format(n=n, example=answer_format(n))),
-                    )
+                    ) + ((("assistant", prefill),) if prefill else ())
                     retry.append(group)
                 continue
             logprobs = response.logprobs[0] if response.logprobs else ()
             group.answers = {
-                number: (answer, yes_probability(logprobs, offset) if logprobs else None)
+                number: (answer, yes_probability(logprobs, offset - shift) if logprobs else None)
                 for number, (answer, offset) in parsed.items()
             }
             group.failure = None
