@@ -223,9 +223,12 @@ def default_scorers(simulators: list["SimulatorSettings"], explainers: list["Exp
     fuzzing with each LLM simulator's backend (else each LLM explainer's), on its layers and neurons."""
     entries = [ScorerSettings(method="embedding")]
     llms = [s for s in simulators if s.backend != "baseline"] or [e for e in explainers if e.backend != "baseline"]
-    for llm in llms:
+    backends: list[dict] = []
+    for llm in llms:  # one pair per distinct backend (a plain and a contrastive explainer share one)
         backend = llm.model_dump(include=_SCORER_BACKEND_FIELDS)
-        entries += [ScorerSettings(method="detection", **backend), ScorerSettings(method="fuzzing", **backend)]
+        if backend not in backends:
+            backends.append(backend)
+            entries += [ScorerSettings(method="detection", **backend), ScorerSettings(method="fuzzing", **backend)]
     return entries
 
 

@@ -360,6 +360,7 @@ def test_fuzzing_through_the_fake_openai_server(server):
 # --------------------------------------------------------------------------- local LLM
 
 
+@pytest.mark.slow
 def test_detection_with_the_bundled_smollm2():
     from neuron_pipeline.llm.local import LocalLLM
 
