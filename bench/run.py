@@ -31,9 +31,15 @@ SECTIONS = {
     "lake": "5. Queries at full scale (GPT-2 XL-shaped lake)",
     "e2e": "6. End to end: the demo pipeline",
     "gpu": "7. GPU",
+    "scorers": "8. Scorers: cost and agreement (detection, fuzzing, embedding vs simulation)",
 }
 # Execution order: the end-to-end run goes last, with whatever time is left.
-ORDER = ["capture", "layers", "simulator", "lake", "api", "e2e", "gpu"]
+ORDER = ["capture", "layers", "simulator", "lake", "api", "e2e", "gpu", "scorers"]
+# Sizes of the scorers section (bench/scorer_bench.py): the demo's LLM neurons.
+SCORER_SIZES = {
+    "full": {"sequences": 400, "layers": "0,15,29", "neurons": "0-31", "llm_neurons": "0"},
+    "quick": {"sequences": 48, "layers": "0", "neurons": "0-3", "llm_neurons": "0"},
+}
 
 FULL = {
     "budget_s": 19 * 60,
@@ -65,8 +71,8 @@ FULL = {
     # on 2 quiet cores since the capture got cheaper.
     "e2e_config": None,
     # Seconds kept for the sections after each one (a slow machine skips work rather than overrun).
-    "reserve": {"capture": 560, "layers": 470, "simulator": 380, "lake": 340, "api": 300, "e2e": 5, "gpu": 0},
-    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "e2e": 120, "gpu": 0},
+    "reserve": {"capture": 560, "layers": 470, "simulator": 380, "lake": 340, "api": 300, "e2e": 5, "gpu": 0, "scorers": 0},
+    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "e2e": 120, "gpu": 0, "scorers": 0},
 }
 
 QUICK = {
@@ -87,8 +93,8 @@ QUICK = {
     "prompt_sequences": 32,
     "lake": {"layers": 3, "neurons": 64, "record_layers": 2, "reps": 2},
     "e2e_config": "corpus:\n  max_sequences: 48\nlayers: 0-1\nneurons: 0-7\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n",
-    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
-    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
+    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu", "scorers")},
+    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu", "scorers")},
 }
 
 
@@ -237,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prompt_tokens(section, sequences=sizes["prompt_sequences"])
 
-    bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu}
+    def scorers(section):
+        from bench.scorer_bench import run_scorers
+
+        run_scorers(section, tmp / "scorers", threads=args.threads, **SCORER_SIZES["quick" if args.quick else "full"])
+
+    bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu,
+              "scorers": scorers}
     results: dict[str, Section] = {}
     interrupted: list[str] = []
 

@@ -372,3 +372,66 @@ def test_detection_with_the_bundled_smollm2():
     assert result.metrics.balanced_accuracy is not None
     # Local models give top_logprobs: p(yes) for every excerpt, hence an AUROC.
     assert all(0.0 <= p <= 1.0 for p in result.probabilities) and result.metrics.auroc is not None
+
+
+# --------------------------------------------------------------------------- bench arithmetic
+
+
+def test_bench_agreement_counts_pairs_of_explanations_by_hand():
+    import polars as pl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.scorer_bench import agreement
+
+    frame = pl.DataFrame(
+        {
+            "layer": ["0", "0", "0", "1", "1"],
+            "neuron": [0, 0, 0, 0, 0],
+            "explainer_id": ["a", "b", "c", "a", "b"],
+            "simulation (LLM)": [0.9, 0.1, 0.5, 0.3, 0.2],
+            "simulation (baseline)": [None, None, None, None, None],
+            "detection": [0.8, 0.6, 0.7, 0.5, 0.5],
+            "fuzzing": [0.5, 0.6, 0.7, 0.9, 0.1],
+            "embedding": [0.7, 0.6, 0.9, 0.4, 0.6],
+        }
+    )
+    pairs = agreement(frame)
+    # Layer 0: a>b, a>c, c>b by simulation and by detection; layer 1: detection ties (no preference).
+    assert pairs[("simulation (LLM)", "detection")] == (3, 3)
+    # Fuzzing: b>a, c>a, c>b on layer 0 (1 of 3 agrees with simulation), a>b on layer 1 (agrees).
+    assert pairs[("simulation (LLM)", "fuzzing")] == (4, 2)
+    assert pairs[("simulation (LLM)", "simulation (baseline)")] == (0, 0)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_scorer_settings_from_the_readme_and_their_errors(tmp_path):
+    import re
+
+    import yaml
+
+    from neuron_pipeline.config import ConfigError, load_settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "scorers:" in b and "method: fuzzing" in b)
+    settings = load_settings(profile="demo", overrides=yaml.safe_load(block), environ={})
+    assert [s.method for s in settings.scorer_entries] == ["embedding", "detection", "fuzzing"]
+    assert settings.scorer_entries[1].template == "detection_v1" and settings.scorer_entries[1].group_size == 5
+    # The demo profile without a section: embedding, plus detection and fuzzing on the LLM simulator's neurons.
+    demo = load_settings(profile="demo", environ={})
+    llm = next(s for s in demo.simulators if s.backend != "baseline")
+    derived = [s for s in demo.scorer_entries if s.method != "embedding"]
+    assert [s.method for s in derived] == ["detection", "fuzzing"]
+    assert all((s.backend, s.model, s.layers, s.neurons) == (llm.backend, llm.model, llm.layers, llm.neurons) for s in derived)
+    assert load_settings(profile="demo", overrides={"scorers": []}, environ={}).scorer_entries == []
+    bad = [
+        ({"scorers": [{"method": "detection"}]}, "needs a chat model"),
+        ({"scorers": [{"method": "embedding", "backend": "local"}]}, "remove `backend`"),
+        ({"scorers": [{"method": "embedding", "quiet_max": 0.5, "activating_min": 0.3}]}, "lower quiet_max"),
+        ({"explainers": [{"backend": "baseline", "contrastive": True}]}, "contrastive explanations need an LLM"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message) as error:
+            load_settings(profile="demo", overrides=overrides, environ={})
+        assert "\n" not in str(error.value)
