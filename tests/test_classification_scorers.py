@@ -435,3 +435,13 @@ def test_scorer_settings_from_the_readme_and_their_errors(tmp_path):
         with pytest.raises(ConfigError, match=message) as error:
             load_settings(profile="demo", overrides=overrides, environ={})
         assert "\n" not in str(error.value)
+
+
+def test_embedding_reads_the_window_around_each_excerpts_peak():
+    from neuron_pipeline.interp.embedding_scoring import peak_window
+
+    tokens = tuple(f" t{i}" for i in range(64))
+    at = lambda peak: ActivationRecord(tokens, tuple(1.0 if i == peak else 0.0 for i in range(64)), 0)  # noqa: E731
+    assert peak_window(at(30)) == tokens[18:34]  # 12 before the peak, the peak, 3 after
+    assert peak_window(at(2)) == tokens[:16] and peak_window(at(63)) == tokens[48:]
+    assert peak_window(ActivationRecord(tokens[:10], (0.0,) * 10, 0)) == tokens[:10]

@@ -80,7 +80,7 @@ def test_scorers_in_the_lake_side_by_side_with_simulation(tmp_path, server):
     assert results.group_by("method").len().sort("method")["len"].to_list() == [9, 9, 9]
     assert results.filter(pl.col("method") != "embedding")["prompt_tokens"].min() > 0
     assert results.filter(pl.col("method") == "embedding")["calls"].max() == 0
-    assert first["scorer_results"]["rows"] == 27
+    assert first["scorer_results"]["rows"] == 27 and first["scorer_results"]["scored_anew"] == 27
 
     # Held out: no scored excerpt was shown to any explainer of the neuron, and every explainer
     # of a neuron is judged on the same excerpts.
@@ -106,5 +106,5 @@ def test_scorers_in_the_lake_side_by_side_with_simulation(tmp_path, server):
     calls = len(server.posts("/chat/completions"))
     second = _run(defs, ["explanations", "scorer_results"], instance, partition_key="0")
     assert len(server.posts("/chat/completions")) == calls
-    assert second["scorer_results"]["cache_misses"] == 0
+    assert second["scorer_results"]["cache_misses"] == 0 and second["scorer_results"]["scored_anew"] == 0
     assert read_table(lake, "scorer_results").height == 27

@@ -11,7 +11,8 @@ from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publis
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, ScorerSettings
-from neuron_pipeline.interp.classification import ScorerResult, records_seen, scoring_sample
+from neuron_pipeline.interp.classification import ScorerResult, ScoringSample, records_seen, scoring_sample
+from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
 from neuron_pipeline.lake import read_table, table_frame, write_table
 
@@ -19,7 +20,13 @@ from neuron_pipeline.lake import read_table, table_frame, write_table
 SCORE_CHUNK = 64
 
 
-def result_row(explanation: dict, scorer, result: ScorerResult) -> dict:
+def input_hash(scorer, explanation: str, sample: ScoringSample) -> str:
+    return content_hash(
+        scorer.scorer_id, explanation, *(f"{r.sequence_id}:{label}:{r.tokens}:{r.activations}" for r, label in sample.labelled)
+    )
+
+
+def result_row(explanation: dict, scorer, result: ScorerResult, fingerprint: str) -> dict:
     m = result.metrics
     headline = m.auroc if scorer.method == "embedding" else m.balanced_accuracy
     reason = None
@@ -47,6 +54,7 @@ def result_row(explanation: dict, scorer, result: ScorerResult) -> dict:
         "completion_tokens": result.completion_tokens,
         "calls": result.calls,
         "null_reason": reason,
+        "input_hash": fingerprint,
         "sequence_ids": result.sequence_ids,
         "labels": result.labels,
         "predictions": result.predictions,
@@ -61,10 +69,16 @@ def score_layer(
     records_by_neuron: dict[int, NeuronRecord],
     explainers: list,
     records_settings: RecordsSettings,
-) -> pl.DataFrame:
+    existing: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, int]:
     """One row per successful explanation of the layer. Every explanation of a neuron is judged on
-    the same excerpts: none that any configured explainer saw."""
-    items, owners = [], []
+    the same excerpts: none that any configured explainer saw. Rows of ``existing`` whose inputs are
+    unchanged are kept. Returns the rows and how many explanations were scored anew."""
+    kept = {
+        (row["neuron"], row["explainer_id"], row["input_hash"]): row
+        for row in (existing.iter_rows(named=True) if existing is not None else [])
+    }
+    items, owners, fingerprints, rows = [], [], [], []
     for row in explanations.sort("neuron", "explainer_id").iter_rows(named=True):
         record = records_by_neuron.get(row["neuron"])
         if row["error"] is not None or record is None:
@@ -79,15 +93,22 @@ def score_layer(
             scorer_settings.activating_min,
             scorer_settings.quiet_max,
         )
+        fingerprint = input_hash(scorer, row["explanation"], sample)
+        previous = kept.get((row["neuron"], row["explainer_id"], fingerprint))
+        if previous is not None:
+            rows.append(previous)
+            continue
         items.append((row["explanation"], sample))
         owners.append(row)
-    rows = []
+        fingerprints.append(fingerprint)
     for start in range(0, len(items), SCORE_CHUNK):
         chunk = slice(start, start + SCORE_CHUNK)
         seeds = [(r["layer"], r["neuron"]) for r in owners[chunk]]
-        for row, result in zip(owners[chunk], scorer.score_many(items[chunk], seeds=seeds)):
-            rows.append(result_row(row, scorer, result))
-    return table_frame("scorer_results", rows)
+        results = scorer.score_many(items[chunk], seeds=seeds)
+        for row, result, fingerprint in zip(owners[chunk], results, fingerprints[chunk]):
+            rows.append(result_row(row, scorer, result, fingerprint))
+    rows.sort(key=lambda r: (r["neuron"], r["explainer_id"]))
+    return table_frame("scorer_results", rows), len(items)
 
 
 def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
@@ -115,23 +136,26 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         explainers = [explainer for _, explainer in llm.explainers()]
         explainer_ids = [explainer.explainer_id for explainer in explainers]
         records = {layer: load_neuron_records(lake, layer) for layer in layers}
-        frames = []
+        frames, scored_anew = [], 0
         for scorer_settings, scorer in llm.scorers():
             for layer in select_subset(scorer_settings.layers, layers):
                 explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_ids})
                 wanted = select_subset(scorer_settings.neurons, sorted(records[layer]))
-                frame = score_layer(
+                existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
+                frame, new = score_layer(
                     scorer,
                     scorer_settings,
                     explanations.filter(pl.col("neuron").is_in(wanted)),
                     records[layer],
                     explainers,
                     settings.records,
+                    existing,
                 )
-                context.log.info(f"layer {layer} {scorer.scorer_id}: {frame.height} explanations scored")
+                context.log.info(f"layer {layer} {scorer.scorer_id}: {frame.height} explanations, {new} scored anew")
                 frames.append(frame)
+                scored_anew += new
         combined = pl.concat(frames) if frames else table_frame("scorer_results", [])
-        metadata = {"rows": combined.height}
+        metadata = {"rows": combined.height, "scored_anew": scored_anew}
         if combined.height:
             report = yield from gate("scorer_results", combined, QualityParams.from_settings(settings))
             # The run's layers under the configured explainers and scorers are replaced; rows of other

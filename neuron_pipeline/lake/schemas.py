@@ -133,6 +133,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("completion_tokens", pa.int64()),
             ("calls", pa.int64()),  # chat requests, retries included
             ("null_reason", pa.string()),  # why score is null, when it is
+            # Fingerprint of (scorer id, explanation, judged excerpts): unchanged inputs are not re-scored.
+            ("input_hash", pa.string()),
             # Excerpt by excerpt: the corpus sequence, its label, the answer (null: not judged) and
             # p(yes) or the embedding similarity.
             ("sequence_ids", pa.list_(pa.int64())),
