@@ -108,3 +108,34 @@ def test_scorers_in_the_lake_side_by_side_with_simulation(tmp_path, server):
     assert len(server.posts("/chat/completions")) == calls
     assert second["scorer_results"]["cache_misses"] == 0 and second["scorer_results"]["scored_anew"] == 0
     assert read_table(lake, "scorer_results").height == 27
+
+    # Shown where people look: `show`, the viewer's neuron page and its layer page.
+    from neuron_pipeline.cli import main
+    from neuron_pipeline.viewer import build_viewer
+
+    detection_id = results.filter(pl.col("method") == "detection")["scorer_id"][0]
+    build_viewer(lake, tmp_path / "viewer")
+    neuron_page = (tmp_path / "viewer" / "layer_0" / "neuron_0.html").read_text()
+    assert detection_id in neuron_page and "embedding" in neuron_page and "bal. acc." in neuron_page
+    layer_page = (tmp_path / "viewer" / "layer_0" / "index.html").read_text()
+    assert "Detection, fuzzing and embedding scores" in layer_page and "mean simulation score" in layer_page
+    assert main(["show", "0", "0", "--lake", str(lake), "--excerpts", "1"]) == 0
+
+
+def test_show_prints_scorer_lines():
+    from neuron_pipeline.cli import _scorer_lines
+    from neuron_pipeline.lake import table_frame
+
+    rows = table_frame(
+        "scorer_results",
+        [
+            {"method": "detection", "scorer_model": "m", "balanced_accuracy": 0.75, "f1": 0.8, "auroc": None, "n_judged": 8,
+             "labels": [True] * 10, "failed_groups": 1, "prompt_tokens": 900, "completion_tokens": 100, "null_reason": None},
+            {"method": "embedding", "scorer_model": "all-MiniLM-L6-v2", "auroc": None, "n_judged": 12, "labels": [True] * 12,
+             "failed_groups": 0, "prompt_tokens": 0, "completion_tokens": 0, "null_reason": "no non-activating excerpt judged"},
+        ],
+    )
+    assert _scorer_lines(rows) == [
+        "  detection (m): balanced accuracy 0.750 (F1 0.800, AUROC n/a; 8 of 10 excerpts judged, 1 failed groups; 1,000 tokens)",
+        "  embedding (all-MiniLM-L6-v2): AUROC n/a on 12 excerpts [no non-activating excerpt judged]",
+    ]
