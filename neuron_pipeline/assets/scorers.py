@@ -9,6 +9,7 @@ from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, qua
 from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
 from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, ScorerSettings
 from neuron_pipeline.interp.classification import ScorerResult, ScoringSample, records_seen, scoring_sample
@@ -101,12 +102,16 @@ def score_layer(
         items.append((row["explanation"], sample))
         owners.append(row)
         fingerprints.append(fingerprint)
-    for start in range(0, len(items), SCORE_CHUNK):
-        chunk = slice(start, start + SCORE_CHUNK)
-        seeds = [(r["layer"], r["neuron"]) for r in owners[chunk]]
-        results = scorer.score_many(items[chunk], seeds=seeds)
-        for row, result, fingerprint in zip(owners[chunk], results, fingerprints[chunk]):
-            rows.append(result_row(row, scorer, result, fingerprint))
+    layer = owners[0]["layer"] if owners else "?"
+    # Each chunk's answers are in the LLM cache when it ends: a safe point to stop at (progress.py).
+    with track(total=len(items), stage="scorer_results", layer=layer, unit="explanation", detail=scorer.scorer_id) as bar:
+        for start in range(0, len(items), SCORE_CHUNK):
+            chunk = slice(start, start + SCORE_CHUNK)
+            seeds = [(r["layer"], r["neuron"]) for r in owners[chunk]]
+            results = scorer.score_many(items[chunk], seeds=seeds)
+            for row, result, fingerprint in zip(owners[chunk], results, fingerprints[chunk]):
+                rows.append(result_row(row, scorer, result, fingerprint))
+            bar.update(len(results))
     rows.sort(key=lambda r: (r["neuron"], r["explainer_id"]))
     return table_frame("scorer_results", rows), len(items)
 
