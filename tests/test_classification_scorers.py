@@ -445,3 +445,31 @@ def test_embedding_reads_the_window_around_each_excerpts_peak():
     assert peak_window(at(30)) == tokens[18:34]  # 12 before the peak, the peak, 3 after
     assert peak_window(at(2)) == tokens[:16] and peak_window(at(63)) == tokens[48:]
     assert peak_window(ActivationRecord(tokens[:10], (0.0,) * 10, 0)) == tokens[:10]
+
+
+# --------------------------------------------------------------------------- quality gate
+
+
+def test_scorer_results_gate_catches_made_up_or_inconsistent_rows():
+    from data_quality import validate_table
+    from neuron_pipeline.lake import table_frame
+
+    good = {
+        "model": "m", "layer": "0", "neuron": 1, "explainer_id": "e", "scorer_id": "detection-x", "method": "detection",
+        "scorer_model": "s", "score": 0.75, "balanced_accuracy": 0.75, "f1": 0.8, "precision": 0.7, "recall": 1.0,
+        "auroc": None, "n_judged": 3, "n_activating": 2, "n_non_activating": 1, "failed_groups": 1, "prompt_tokens": 10,
+        "completion_tokens": 2, "calls": 2, "null_reason": None, "input_hash": "h", "sequence_ids": [1, 2, 3, 4],
+        "labels": [True, True, False, False], "predictions": [True, True, False, None], "probabilities": [None] * 4,
+    }
+    assert validate_table("scorer_results", table_frame("scorer_results", [good])).success
+    cases = {
+        "n_judged == number of non-null predictions": {"predictions": [True, True, False, True]},  # a guessed answer
+        "score is balanced_accuracy": {"score": 0.9},
+        "null_reason given when score is null": {"score": None, "balanced_accuracy": None},
+        "len(predictions) == len(labels)": {"predictions": [True, True, False]},
+        "f1 in [0, 1]": {"f1": 1.5},
+        "method in": {"method": "vibes"},
+    }
+    for description, change in cases.items():
+        report = validate_table("scorer_results", table_frame("scorer_results", [{**good, **change}]))
+        assert not report.success and description in report.summary(), description
