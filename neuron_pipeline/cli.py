@@ -293,7 +293,7 @@ def _preflight(settings) -> None:
 
     for table in SCHEMAS:  # on object storage this is also the check that the lake can be reached
         check_table_schema(settings.lake_location, table)
-    for llm_settings in [*settings.explainers, *settings.simulators]:
+    for llm_settings in [*settings.explainers, *settings.simulators, *settings.scorer_entries]:
         check_llm_settings(llm_settings)
 
 

@@ -473,3 +473,16 @@ def test_scorer_results_gate_catches_made_up_or_inconsistent_rows():
     for description, change in cases.items():
         report = validate_table("scorer_results", table_frame("scorer_results", [{**good, **change}]))
         assert not report.success and description in report.summary(), description
+
+
+def test_a_bad_scorer_prompt_stops_the_run_before_anything_is_written(tmp_path, capsys):
+    from neuron_pipeline.cli import main
+
+    bad = tmp_path / "mine.txt"
+    bad.write_text("Explanation: {explanation}\n")  # no {excerpts}
+    config = tmp_path / "c.yaml"
+    config.write_text(f"scorers:\n  - method: detection\n    backend: local\n    prompt: {bad}\n")
+    code = main(["run", "--config", str(config), "--lake", str(tmp_path / "lake"), "--layers", "0", "--neurons", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "lacks placeholder(s) {excerpts}" in err and "\n" not in err
+    assert not (tmp_path / "lake").exists()

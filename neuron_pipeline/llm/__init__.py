@@ -52,9 +52,13 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings | ScorerS
     from neuron_pipeline.interp.prompts import load_template
 
     if isinstance(settings, ScorerSettings) and settings.method == "embedding":
-        from neuron_pipeline.llm.embeddings import embedding_model_dir
+        from neuron_pipeline.config import ConfigError
+        from neuron_pipeline.llm.embeddings import EmbeddingModelError, embedding_model_dir
 
-        embedding_model_dir()  # installed, or one line saying how to install it
+        try:
+            embedding_model_dir()  # installed, or one line saying how to install it
+        except EmbeddingModelError as exc:
+            raise ConfigError(f"{exc}; or drop the embedding scorer (scorers: [] or a list without it)") from None
         return
     if settings.backend == "baseline":
         return
