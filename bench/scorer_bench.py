@@ -82,7 +82,7 @@ def agreement(frame) -> dict[tuple[str, str], tuple[int, int]]:
     return out
 
 
-def own_vs_decoy(lake: Path) -> tuple[int, int]:
+def own_vs_decoy(lake: Path) -> tuple[int, int, float, int]:
     """Embedding scorer: neurons whose own (baseline) explanation gets a higher AUROC than another
     neuron's explanation of the same layer on the same excerpts, and neurons compared."""
     import polars as pl
@@ -97,6 +97,8 @@ def own_vs_decoy(lake: Path) -> tuple[int, int]:
     records = neuron_records_from_rows(read_table(lake, "activation_records").iter_rows(named=True))
     scorer = EmbeddingScorer(load_embedder())
     won = compared = 0
+    seconds, texts = 0.0, 0
+    load_embedder().embed(["warm up"])
     for (layer,), group in explanations.group_by("layer"):
         rows = group.sort("neuron").to_dicts()
         items = []
@@ -106,12 +108,15 @@ def own_vs_decoy(lake: Path) -> tuple[int, int]:
             splits = split_records(records[key], 5, 5, 5)
             sample = scoring_sample(records[key], splits.explain, 10, 10)
             items += [(row["explanation"], sample), (decoy, sample)]
+        start = time.perf_counter()
         results = scorer.score_many(items)
+        seconds += time.perf_counter() - start
+        texts += len({scorer.text(r) for _, sample in items for r, _ in sample.labelled}) + len({e for e, _ in items})
         for own, other in zip(results[::2], results[1::2]):
             if own.metrics.auroc is not None and other.metrics.auroc is not None:
                 compared += 1
                 won += own.metrics.auroc > other.metrics.auroc
-    return won, compared
+    return won, compared, seconds, texts
 
 
 def run_scorers(section: Section, work: Path, sequences: int, layers: str, neurons: str, llm_neurons: str, threads: int) -> None:
@@ -200,12 +205,19 @@ def run_scorers(section: Section, work: Path, sequences: int, layers: str, neuro
             for r in shown.iter_rows(named=True)
         )
         section.tables.append("Scores of the LLM-explained neurons:\n\n" + head + "\n" + body)
-    won, compared = own_vs_decoy(lake)
+    won, compared, seconds, texts = own_vs_decoy(lake)
     section.add(
         "embedding: own explanation beats another neuron's",
         f"{won}/{compared} neurons" if compared else "n/a",
         note="baseline explanations, same excerpts; 50% would be chance",
     )
+    if texts:
+        section.add(
+            "embedding throughput (all-MiniLM-L6-v2, CPU)",
+            f"{texts / seconds:.0f} texts/s",
+            note=f"{texts} distinct texts (16-token windows and explanations) in {seconds:.1f} s, torch threads {threads}; "
+            f"about 20 excerpts per explanation",
+        )
     section.data.update({"wall_s": wall, "agreement": {f"{s} vs {t}": v for (s, t), v in pairs.items()}, "own_vs_decoy": [won, compared]})
     section.notes.append(
         "Cost per explanation is read from the lake (`scorer_results.calls`, `prompt_tokens`, `completion_tokens`; "
