@@ -19,7 +19,6 @@ from neuron_pipeline.interp.classification import (  # noqa: E402
     ScoringSample,
     auroc,
     classification_metrics,
-    judge_groups,
     parse_yes_no,
     MalformedAnswer,
     records_seen,

@@ -21,11 +21,11 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse, TokenLogprobs, chat_all
+from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, TokenLogprobs, chat_all
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import ActivationRecord, NeuronRecord, RecordSplits
 
@@ -363,11 +363,7 @@ def collect(
                 predictions[item] = answer
                 probabilities[item] = probability if probability_available else None
         spent = cost.get(owner, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0})
-        error = None
-        if own_groups and len(failures) == len(own_groups):
-            error = f"every group failed: {failures[0]}"
-        elif not items:
-            error = None
+        error = f"every group failed: {failures[0]}" if own_groups and len(failures) == len(own_groups) else None
         results.append(result_from(items, predictions, probabilities, failed_groups=len(failures), error=error, **spent))
     return results
 
@@ -381,11 +377,13 @@ def make_scorer_id(method: str, model_name: str, prompt_hash: str, params: dict)
     return f"{method}-" + content_hash(model_name, prompt_hash, json.dumps(params, sort_keys=True, default=str))[:12]
 
 
-class ClassificationScorer:
-    """What the asset needs from a scorer: an id, a method name, the model, and
-    ``score_many([(explanation, sample), ...]) -> [ScorerResult, ...]``."""
+class ClassificationScorer(Protocol):
+    """What the asset needs from a scorer (detection, fuzzing, embedding)."""
 
     method: str
     scorer_id: str
     model_name: str
-    score_many: Callable[[Sequence[tuple[str, ScoringSample]]], list[ScorerResult]]
+
+    def score_many(self, items: Sequence[tuple[str, ScoringSample]], seeds: Sequence = ()) -> list[ScorerResult]:
+        """Score (explanation, excerpts) pairs; ``seeds`` fix each one's shuffle (same neuron, same order)."""
+        ...
