@@ -110,7 +110,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
 
     @dg.asset(
         partitions_def=partitions,
-        deps=["activation_records"],
+        # Output-aware explainers also read each neuron's promoted tokens.
+        deps=["activation_records", "neuron_output_tokens"],
         group_name="explain",
         kinds={"delta"},
         owners=["team:interpretability"],
