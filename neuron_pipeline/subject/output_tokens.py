@@ -155,8 +155,8 @@ def top_output_tokens(
     computation's (checked against it on every layer of the bundled model and on tiny models of
     every architecture in tests/test_output_tokens.py).
     Returns (promoted ids, promoted logits, suppressed ids, suppressed logits)."""
-    vectors = vectors.float().cpu()
-    unembed = unembed.float().cpu()
+    vectors = vectors.float().cpu().contiguous()  # a transposed view makes the gathers below 10x slower
+    unembed = unembed.float().cpu().contiguous()
     n, vocab = vectors.shape[0], unembed.shape[0]
     k = min(k, vocab)
     candidates = min(vocab, max(MIN_CANDIDATES, 4 * k))
