@@ -11,15 +11,22 @@ stored in ``explanation_embeddings``, and ranked by cosine similarity to a query
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import polars as pl
 
-from neuron_pipeline.lake.io import LakeLike, read_table, table_exists, table_frame
+from neuron_pipeline.lake.io import LakeLike, open_table, read_table, table_exists, table_frame
+from neuron_pipeline.lake.location import Lake
 
 EMBEDDINGS_TABLE = "explanation_embeddings"
+INDEX_FOLDER = "_search_index"
 KEY = ["layer", "neuron", "explainer_id"]
 
 
@@ -78,15 +85,68 @@ def vectors_of(column: pl.Series) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32).reshape(column.len(), -1)
 
 
-def load_embeddings(lake: LakeLike, layers: Sequence[int] | None = None, explainer_id: str | None = None) -> EmbeddingMatrix:
-    """Every stored embedding (optionally of some layers / one explainer), as a matrix."""
-    where: dict = {}
-    if layers is not None:
-        where["layer"] = [str(layer) for layer in layers]
-    if explainer_id is not None:
-        where["explainer_id"] = explainer_id
-    frame = read_table(lake, EMBEDDINGS_TABLE, where=where or None, columns=["model", *KEY, "embedding"])
+def index_dir(lake: LakeLike) -> Path:
+    """Where the search index (a cache of the embeddings table as one matrix) is kept: inside a
+    lake folder, or for an object-store lake in this machine's cache folder, one per lake URI."""
+    lake = Lake.of(lake)
+    if lake.folder is not None:
+        return lake.folder / INDEX_FOLDER
+    from neuron_pipeline.config import cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", lake.root)[:80] + "-" + hashlib.sha256(lake.root.encode()).hexdigest()[:8]
+    return cache_dir("search_index", name)
+
+
+def _read_matrix(lake: LakeLike, version: int) -> EmbeddingMatrix:
+    frame = read_table(lake, EMBEDDINGS_TABLE, columns=["model", *KEY, "embedding"], version=version)
     return EmbeddingMatrix(frame.drop("embedding"), vectors_of(frame["embedding"]))
+
+
+def load_embeddings(lake: LakeLike, layers: Sequence[int] | None = None, explainer_id: str | None = None) -> EmbeddingMatrix:
+    """Every stored embedding (optionally of some layers / one explainer), as a matrix.
+
+    Decoding 307,200 list rows from Parquet takes seconds, so the whole table is cached once per
+    Delta version as a plain float32 matrix (``index_dir``), memory-mapped by later reads: the
+    Delta table stays the truth, the index is rebuilt whenever the table has a new version."""
+    version = open_table(lake, EMBEDDINGS_TABLE).version()
+    folder = index_dir(lake)
+    vectors_path, keys_path = folder / f"v{version}.npy", folder / f"v{version}.keys.parquet"
+    try:
+        keys = pl.read_parquet(keys_path)
+        vectors = np.load(vectors_path, mmap_mode="r")
+        if vectors.shape[0] != keys.height:
+            raise ValueError("index halves disagree")
+    except (OSError, ValueError, pl.exceptions.PolarsError):
+        matrix = _read_matrix(lake, version)
+        keys, vectors = matrix.keys, matrix.vectors
+        _write_index(folder, version, keys, vectors)
+    mask = None
+    if layers is not None:
+        mask = keys["layer"].is_in([str(layer) for layer in layers])
+    if explainer_id is not None:
+        same = keys["explainer_id"] == explainer_id
+        mask = same if mask is None else mask & same
+    if mask is not None:
+        rows = np.flatnonzero(mask.to_numpy())
+        return EmbeddingMatrix(keys.filter(mask), np.asarray(vectors[rows]))
+    return EmbeddingMatrix(keys, vectors)
+
+
+def _write_index(folder: Path, version: int, keys: pl.DataFrame, vectors: np.ndarray) -> None:
+    """Both halves written atomically (a reader never sees half a file); older versions removed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{threading.get_ident()}"
+        tmp_vectors, tmp_keys = folder / f".v{version}.{tag}.npy", folder / f".v{version}.{tag}.keys.parquet"
+        np.save(tmp_vectors, np.ascontiguousarray(vectors, dtype=np.float32))
+        keys.write_parquet(tmp_keys)
+        os.replace(tmp_keys, folder / f"v{version}.keys.parquet")
+        os.replace(tmp_vectors, folder / f"v{version}.npy")
+        for old in folder.glob("v*"):
+            if not old.name.startswith(f"v{version}."):
+                old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only lake: search still works, it just decodes the table every time
 
 
 def _check_query(query: str) -> str:
