@@ -9,7 +9,7 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.checks import CHECK_NAME, check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
@@ -47,15 +47,20 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
 
             return load_embedder().embed(texts)
 
+        if explanations.is_empty():
+            raise ValueError(f"no explanations for layers {layers}: materialize explanations first")
         rows, embedded = embedding_rows(explanations, existing, embed, EMBEDDING_MODEL)
-        if rows.is_empty():
-            raise ValueError(f"no explanations to embed in layers {layers}: materialize explanations first")
-        report = yield from gate(EMBEDDINGS_TABLE, rows, QualityParams.from_settings(pipeline.settings))
+        if rows.is_empty():  # every explanation failed: nothing to search, and no stale vector kept
+            check = dg.AssetCheckResult(
+                check_name=CHECK_NAME, passed=True, metadata={"summary": "no successful explanation to embed"}
+            )
+        else:
+            check = check_result((yield from gate(EMBEDDINGS_TABLE, rows, QualityParams.from_settings(pipeline.settings))))
         write_table(lake, EMBEDDINGS_TABLE, rows, replace_where={"layer": run_layers})
         context.log.info(f"embeddings: {rows.height} explanations, {embedded} newly embedded")
         publish_layers(context, EMBEDDINGS_TABLE, rows)
         yield dg.MaterializeResult(
-            check_results=[check_result(report), upstream],
+            check_results=[check, upstream],
             metadata={
                 "rows": rows.height,
                 "newly_embedded": embedded,
