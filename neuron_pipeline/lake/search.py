@@ -204,10 +204,16 @@ def _with_text_and_scores(lake: LakeLike, hits: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def nearest_neighbours(vectors: np.ndarray, groups: np.ndarray, k: int = 5, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+# Similarities held at once by nearest_neighbours (rows x all rows, float32): about 256 MB.
+NEIGHBOUR_BLOCK_CELLS = 64 * 1024 * 1024
+
+
+def nearest_neighbours(vectors: np.ndarray, groups: np.ndarray, k: int = 5, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the ``k`` most similar other rows that are not in its group (its neuron), as
-    (indices [n, k], similarities [n, k]); -1 / nan where there are fewer candidates."""
+    (indices [n, k], similarities [n, k]); -1 / nan where there are fewer candidates. Rows go in
+    chunks sized so a chunk's similarities to all rows stay near 256 MB (307,200 rows: 218 a chunk)."""
     n = vectors.shape[0]
+    chunk = chunk or max(1, NEIGHBOUR_BLOCK_CELLS // max(n, 1))
     indices = np.full((n, k), -1, dtype=np.int64)
     similarities = np.full((n, k), np.nan, dtype=np.float32)
     if n < 2 or k < 1:
