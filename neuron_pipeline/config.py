@@ -120,6 +120,12 @@ class _LLMSettings(_Section):
     budget_usd: float | None = Field(None, gt=0)
     usd_per_million_prompt: float = Field(0.0, ge=0)
     usd_per_million_completion: float = Field(0.0, ge=0)
+    # OpenAI-compatible backend: logprob alternatives asked for per position (vLLM: its
+    # --max-logprobs, 20 by default; OpenAI chat: 20). A server that allows fewer names its
+    # maximum in a 400 and is asked for that from then on.
+    max_logprobs: int = Field(20, ge=1)
+    # Extra JSON fields sent with every request (e.g. vLLM's top_k or repetition_penalty).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
     # Where this backend runs, within the run's layers and neurons (LLMs are slow: a subset).
     layers: str = "all"
     neurons: str = "all"
@@ -211,6 +217,8 @@ class PlatformSettings(_Section):
     schedule_timezone: str = "UTC"
     # How often the prompt / settings sensor looks for a change.
     sensor_interval_s: int = Field(60, ge=5)
+    # Seconds between progress lines of a long stage (run log, and stdout without a terminal).
+    progress_interval_s: float = Field(30.0, gt=0)
     k8s: KubernetesSettings = KubernetesSettings()
 
     @model_validator(mode="after")

@@ -148,6 +148,7 @@ class FakeOpenAIServer:
     fault_rates: dict[str, float] = field(default_factory=dict)
     require_api_key: str | None = None
     reject_max_tokens: bool = False  # like OpenAI's reasoning models: only max_completion_tokens
+    max_logprobs: int = 20  # like vLLM's --max-logprobs: more is refused with a 400 naming the cap
 
     def __post_init__(self) -> None:
         if self.logprobs_mode not in LOGPROBS_MODES:
@@ -243,8 +244,8 @@ class FakeOpenAIServer:
         if wants_logprobs and self.logprobs_mode == "none":
             return 400, _error("logprobs are not supported by this server", "logprobs")
         top_k = int(body.get("top_logprobs") or 0)
-        if top_k > 20:
-            return 400, _error("top_logprobs must be at most 20", "top_logprobs")
+        if top_k > self.max_logprobs:
+            return 400, _error(f"top_logprobs must be at most {self.max_logprobs}", "top_logprobs")
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
         content = chat_content(messages)
         if fault == "empty_content":
@@ -269,8 +270,9 @@ class FakeOpenAIServer:
             return 400, _error("prompt must be a string", "prompt")
         echo = bool(body.get("echo"))
         k = body.get("logprobs")
-        if k is not None and int(k) > 20:
-            return 400, _error("logprobs must be at most 20", "logprobs")
+        if k is not None and int(k) > self.max_logprobs:
+            # vLLM's wording
+            return 400, _error(f"Requested sample logprobs of {int(k)}, which is greater than max allowed: {self.max_logprobs}", "logprobs")
         if echo and k is not None and self.logprobs_mode == "openai":
             return 400, _error("Setting 'echo' and 'logprobs' at the same time is not supported for this model.", "logprobs")
         generated = "0"

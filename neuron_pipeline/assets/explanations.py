@@ -6,13 +6,13 @@ from datetime import datetime, timezone
 from typing import Mapping
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
 from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
@@ -94,7 +94,7 @@ def explain_layer(
     else:
         explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
         explain_many = (lambda inner: lambda splits_list: inner([s.explain for s in splits_list]))(explain_many)
-    with tqdm(total=len(todo), desc=f"explain layer {layer}", unit="neuron", disable=None) as bar:
+    with track(total=len(todo), stage="explanations", layer=layer, unit="neuron", detail=explainer.explainer_id) as bar:
         for start in range(0, len(todo), EXPLAIN_CHUNK):
             chunk = todo[start : start + EXPLAIN_CHUNK]
             for (neuron, fingerprint, _), result in zip(chunk, explain_many([splits for _, _, splits in chunk])):

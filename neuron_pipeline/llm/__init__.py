@@ -39,6 +39,8 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
             budget_usd=settings.budget_usd,
             usd_per_million_prompt=settings.usd_per_million_prompt,
             usd_per_million_completion=settings.usd_per_million_completion,
+            value_logprobs=settings.max_logprobs,
+            extra_body=settings.extra_body,
         )
     raise ValueError(f"backend {settings.backend!r} has no LLM client")
 

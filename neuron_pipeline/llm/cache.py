@@ -161,7 +161,14 @@ class CachedValueModel:
             if hit is not None:
                 self.cache.hits += 1
                 data = json.loads(hit)
-                results.append(SlotDistributions(np.asarray(data["probabilities"], dtype=np.float64), data["prompt_tokens"]))
+                mass = data.get("value_mass")  # absent from answers cached before it was recorded
+                results.append(
+                    SlotDistributions(
+                        np.asarray(data["probabilities"], dtype=np.float64),
+                        data["prompt_tokens"],
+                        None if mass is None else np.asarray(mass, dtype=np.float64),
+                    )
+                )
             else:
                 self.cache.misses += 1
                 results.append(None)
@@ -176,6 +183,8 @@ class CachedValueModel:
                 results[i] = distribution
                 self.new_prompt_tokens += distribution.prompt_tokens
                 payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
+                if distribution.value_mass is not None:
+                    payload["value_mass"] = np.asarray(distribution.value_mass).tolist()
                 self.cache.put(keys[i], self.model_name, "value_distributions", json.dumps(payload))
 
             submit = getattr(self.model, "submit_value_distributions", None)
