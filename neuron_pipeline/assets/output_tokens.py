@@ -14,6 +14,7 @@ from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.corpus.tokenize import token_strings
 from neuron_pipeline.lake import read_table, table_frame, write_table
@@ -84,7 +85,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         k = min(OUTPUT_TOKENS_K, subject.model.get_output_embeddings().weight.shape[0])
         unembed = Unembedding.of(subject)
         frames, kept_frames, kept, computed = [], [], [], []
-        for layer in layers:
+        for layer in track(layers, total=len(layers), stage="output tokens", layer=layers, unit="layer"):
             weights_hash = layer_weights_hash(folded_output_vectors(subject, layer), unembed)
             existing = read_table(lake, "neuron_output_tokens", where={"layer": str(layer)})
             if is_current(existing, weights_hash, subject.num_neurons, k):
