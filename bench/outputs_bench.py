@@ -2,9 +2,9 @@
 
 * Output tokens of every neuron of the bundled SmolLM2 (30 x 1,536 against 49,152 tokens), as
   the Dagster asset computes them (load, compute, validate, write), and again with nothing changed.
-* The same computation at GPT-2 XL's shapes (6,400 neurons x 1,600 wide against 50,257 tokens) on
-  randomly initialised weights, timed per layer and extrapolated to 48 layers (the speed does not
-  depend on the weights; a whole random GPT-2 XL would need 6 GB here).
+* The same computation on a randomly initialised GPT-2 XL config (6,400 neurons x 1,600 wide against
+  50,257 tokens) with a few blocks, timed per layer and extrapolated to 48 layers (the speed does
+  not depend on the weights; all 48 random blocks would need 6 GB here).
 * Embedding throughput of all-MiniLM-L6-v2 on explanation-like texts, extrapolated to 307,200.
 * Search over a lake of 307,200 embedded explanations (48 x 6,400): the `search()` call with the
   embedder loaded, and `neuron-pipeline search` end to end as a new process.
@@ -68,29 +68,36 @@ def _output_tokens_bundled(section: Section, workdir: Path, layers: str) -> None
 
 
 def _output_tokens_xl(section: Section, layers: int, neurons: int, hidden: int, vocab: int) -> None:
+    """A randomly initialised GPT-2 XL-wide model with ``layers`` blocks, through the same code path
+    as the asset (Subject, c_proj rows, ln_f gain probed, unembedding)."""
     import torch
+    import transformers
 
-    from neuron_pipeline.subject.output_tokens import OUTPUT_TOKENS_K, _fold, top_output_tokens
+    from neuron_pipeline.subject import Subject
+    from neuron_pipeline.subject.output_tokens import OUTPUT_TOKENS_K, Unembedding, layer_output_tokens
 
-    generator = torch.Generator().manual_seed(0)
-    unembed = torch.randn(vocab, hidden, generator=generator) * 0.02
-    gain = 1 + 0.1 * torch.randn(hidden, generator=generator)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=hidden, n_inner=neurons, n_head=25 if hidden % 25 == 0 else 1,
+                                     vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval().requires_grad_(False)
+    subject = Subject.from_model(model, "gpt2-xl-random")
+    unembed = Unembedding.of(subject)
     times = []
-    for _ in range(layers):
-        c_proj = torch.randn(neurons, hidden, generator=generator) * 0.02  # GPT-2's c_proj rows
+    for layer in range(layers):
         start = time.perf_counter()
-        top_output_tokens(_fold(c_proj, gain, centres=True), unembed, OUTPUT_TOKENS_K)
+        layer_output_tokens(subject, layer, OUTPUT_TOKENS_K, unembed)
         times.append(time.perf_counter() - start)
+    del model, subject
     per_layer = median(times)
     section.add(
-        f"output tokens, GPT-2 XL shapes ({neurons:,} x {hidden:,} per layer, {vocab:,} tokens), per layer",
+        f"output tokens, random GPT-2 XL config ({neurons:,} neurons x {hidden:,} wide, {vocab:,} tokens), per layer",
         fmt_s(per_layer),
-        note=f"median of {layers} random layers; compute only (no load, no write)",
+        note=f"median of {layers} layers of a randomly initialised {layers}-block model of GPT-2 XL's widths; compute only",
     )
     section.add(
-        "  extrapolated to 48 layers (307,200 neurons)",
+        "  extrapolated to GPT-2 XL's 48 layers (307,200 neurons)",
         fmt_s(per_layer * 48),
-        note="2 CPU cores with AMX bf16; on a GPU the bf16 products go to the tensor cores",
+        note="2 CPU cores (bf16 products on AMX); on a GPU the bf16 products go to the tensor cores",
     )
     section.data["xl"] = {"per_layer_s": per_layer, "layers_timed": layers, "extrapolated_48_s": per_layer * 48}
 

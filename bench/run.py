@@ -98,7 +98,7 @@ QUICK = {
     "e2e_config": "corpus:\n  max_sequences: 48\nlayers: 0-1\nneurons: 0-7\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n",
     "outputs": {
         "bundled_layers": "0-1",
-        "xl": {"layers": 1, "neurons": 256, "hidden": 64, "vocab": 5000},
+        "xl": {"layers": 1, "neurons": 256, "hidden": 50, "vocab": 5000},
         "embed_texts": 64,
         "search": {"layers": 2, "neurons": 64, "reps": 2},
     },
