@@ -347,6 +347,10 @@ def _print_summary(settings, layers: list[int]) -> None:
     )
     console.print(f"lake:   {settings.lake_location}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_location}")
+    from neuron_pipeline.lake import table_exists
+
+    if table_exists(settings.lake_location, "explanation_embeddings"):
+        console.print(f"search: neuron-pipeline search \"names of people\" --lake {settings.lake_location}")
     from neuron_pipeline.viewer import default_viewer_dir
 
     viewer_index = default_viewer_dir(settings.lake_location) / "index.html"
