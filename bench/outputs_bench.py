@@ -163,7 +163,7 @@ def _search_lake(root: Path, layers: int, neurons: int) -> Path:
     return lake
 
 
-def _search(section: Section, root: Path, layers: int, neurons: int, reps: int) -> None:
+def _search(section: Section, root: Path, layers: int, neurons: int, reps: int, cli_reps: int = 3) -> None:
     from neuron_pipeline.lake.search import search
     from neuron_pipeline.llm.embeddings import load_embedder
 
@@ -190,7 +190,7 @@ def _search(section: Section, root: Path, layers: int, neurons: int, reps: int) 
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cli = []
-    for query in QUERIES[:3]:
+    for query in QUERIES[:cli_reps]:
         begin = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "neuron_pipeline.cli", "search", query, "--lake", str(lake), "--top", "10"],
@@ -201,7 +201,7 @@ def _search(section: Section, root: Path, layers: int, neurons: int, reps: int) 
     section.add(
         f"  `neuron-pipeline search` end to end (new process), {total:,} explanations",
         fmt_s(median(cli)),
-        note="median of 3; includes Python start-up, importing torch / transformers and loading the embedder",
+        note=f"median of {cli_reps}; includes Python start-up, importing torch / transformers and loading the embedder",
     )
     section.data["search"] = {"explanations": total, "in_process_s": times, "cli_s": cli}
 

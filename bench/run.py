@@ -100,7 +100,7 @@ QUICK = {
         "bundled_layers": "0-1",
         "xl": {"layers": 1, "neurons": 256, "hidden": 50, "vocab": 5000},
         "embed_texts": 64,
-        "search": {"layers": 2, "neurons": 64, "reps": 2},
+        "search": {"layers": 2, "neurons": 64, "reps": 2, "cli_reps": 1},
     },
     "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu")},
     "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu")},
