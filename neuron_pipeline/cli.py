@@ -508,6 +508,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the configured run would cost, before anything is paid (neuron_pipeline/plan.py)."""
+    import json
+
+    from neuron_pipeline.config import ConfigError
+    from neuron_pipeline.plan import make_plan, render
+
+    if args.latency is not None and args.latency <= 0:
+        raise ConfigError(f"--latency must be positive seconds per call, got {args.latency}")
+    settings = _settings(args)
+    plan = make_plan(settings, latency_s=args.latency or 1.0)
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.as_dict(), indent=2))
+        print(f"plan written to {args.json}")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (see README)")
     parser.add_argument("--profile", help="named profile: demo (default) or paper")
@@ -524,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--neurons", help="'all', '0-31', ...")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="before anything is paid: neurons, LLM calls, tokens, dollars and wall time")
+    _common(plan)
+    plan.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
+    plan.add_argument("--neurons", help="'all', '0-31', ...")
+    plan.add_argument("--latency", type=float, help="seconds per API call for the wall-time estimate (default 1)")
+    plan.add_argument("--json", help="also write the plan as JSON to this file")
+    plan.set_defaults(func=cmd_plan)
 
     show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")
     _common(show)
