@@ -90,3 +90,22 @@ def test_show_prints_promoted_and_suppressed_tokens(small_lake, capsys):
     assert repr(row["promoted_tokens"][0]) in promotes and f"{row['promoted_logits'][0]:+.2f}" in promotes
     assert repr(row["suppressed_tokens"][0]) in suppresses and f"{row['suppressed_logits'][0]:+.2f}" in suppresses
     assert out.index("promotes") < out.index("top 1 excerpts")
+
+
+def test_plan_prices_the_output_aware_prompt():
+    from neuron_pipeline.plan import make_plan
+
+    from test_plan import fixed_records, words
+
+    api = {"backend": "openai", "model": "m", "base_url": None}
+    settings = load_settings(
+        profile="demo",
+        overrides={"layers": "0", "neurons": "0-1", "explainers": [api, {**api, "output_tokens": True}],
+                   "simulators": [{"backend": "baseline"}]},
+        environ={},
+    )
+    plan = make_plan(settings, latency_s=1.0, count=words, counter_name="words", records=fixed_records(2),
+                     sample_name="2 fixed", shape=("m", 1, 2))
+    plain, aware = [s for s in plan.stages if s.stage == "explain"]
+    # The same excerpts plus two lines of ten quoted tokens, and its own longer instructions.
+    assert aware.calls == plain.calls == 2 and aware.prompt_tokens > plain.prompt_tokens + 2 * 20
