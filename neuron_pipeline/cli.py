@@ -348,6 +348,10 @@ def _print_summary(settings, layers: list[int]) -> None:
     )
     console.print(f"lake:   {settings.lake_location}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_location}")
+    from neuron_pipeline.lake import table_exists
+
+    if table_exists(settings.lake_location, "explanation_embeddings"):
+        console.print(f"search: neuron-pipeline search \"names of people\" --lake {settings.lake_location}")
     from neuron_pipeline.viewer import default_viewer_dir
 
     viewer_index = default_viewer_dir(settings.lake_location) / "index.html"
@@ -450,6 +454,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
         for line in _scorer_lines(scorer_rows.filter(scorer_rows["explainer_id"] == row["explainer_id"])):
             console.print(line)
+    _print_output_tokens(console, lake, where)
     top = records.filter(records["kind"] == "top").sort("rank").head(args.excerpts)
     max_activation = max(float(top["max_activation"].max() or 0.0), 1e-9)
     console.print(f"\n[bold]top {top.height} excerpts[/bold] (max activation {max_activation:.3f})")
@@ -460,6 +465,54 @@ def cmd_show(args: argparse.Namespace) -> int:
             shade = int(255 - 200 * strength)
             line.append(token.replace("\n", "⏎"), style=f"on rgb(255,{shade},{shade})" if strength > 0.05 else "")
         console.print(line)
+    return 0
+
+
+# Output tokens shown per direction by `show` (the table keeps more).
+SHOWN_OUTPUT_TOKENS = 10
+
+
+def _print_output_tokens(console, lake, where: dict) -> None:
+    """The neuron's promoted and suppressed tokens (neuron_output_tokens), when computed."""
+    from rich.markup import escape
+
+    from neuron_pipeline.lake import read_table
+
+    rows = read_table(lake, "neuron_output_tokens", where=where)
+    if rows.is_empty():
+        return
+    row = rows.row(0, named=True)
+    for label, tokens, logits in (
+        ("promotes", row["promoted_tokens"], row["promoted_logits"]),
+        ("suppresses", row["suppressed_tokens"], row["suppressed_logits"]),
+    ):
+        shown = ", ".join(
+            f"{escape(repr(token))} {logit:+.2f}" for token, logit in list(zip(tokens, logits))[:SHOWN_OUTPUT_TOKENS]
+        )
+        console.print(f"\n[bold]{label}[/bold] (logit weight): {shown}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The explanations nearest in meaning to a query, with their neurons and scores."""
+    import polars as pl
+
+    from neuron_pipeline.config import parse_index_spec
+    from neuron_pipeline.lake.search import search
+
+    settings = _settings(args)
+    layers = parse_index_spec(args.layers, 1 << 20, "layer") if args.layers else None
+    hits = search(settings.lake_location, args.text, layers=layers, top=args.top)
+    frame = hits.select(
+        "rank",
+        pl.col("similarity").round(3),
+        "layer",
+        "neuron",
+        pl.col("score").round(3),
+        "explainer_id",
+        "explanation",
+    )
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=100, tbl_width_chars=220, tbl_hide_dataframe_shape=True):
+        print(frame)
     return 0
 
 
@@ -524,6 +577,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the configured run would cost, before anything is paid (neuron_pipeline/plan.py)."""
+    import json
+
+    from neuron_pipeline.config import ConfigError
+    from neuron_pipeline.plan import make_plan, render
+
+    if args.latency is not None and args.latency <= 0:
+        raise ConfigError(f"--latency must be positive seconds per call, got {args.latency}")
+    settings = _settings(args)
+    plan = make_plan(settings, latency_s=args.latency or 1.0)
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.as_dict(), indent=2))
+        print(f"plan written to {args.json}")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (see README)")
     parser.add_argument("--profile", help="named profile: demo (default) or paper")
@@ -541,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser("plan", help="before anything is paid: neurons, LLM calls, tokens, dollars and wall time")
+    _common(plan)
+    plan.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
+    plan.add_argument("--neurons", help="'all', '0-31', ...")
+    plan.add_argument("--latency", type=float, help="seconds per API call for the wall-time estimate (default 1)")
+    plan.add_argument("--json", help="also write the plan as JSON to this file")
+    plan.set_defaults(func=cmd_plan)
+
     show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")
     _common(show)
     show.add_argument("layer", type=int)
@@ -554,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--out", help="write the result to a .csv or .parquet file")
     query.add_argument("--limit", type=int, default=50, help="rows to print")
     query.set_defaults(func=cmd_query)
+
+    find = sub.add_parser("search", help="find neurons whose explanations are nearest in meaning to a text")
+    _common(find)
+    find.add_argument("text", help='what to look for, e.g. "money and prices"')
+    find.add_argument("--layers", help="only these layers: '3', '0,3' or '0-5' (default: all)")
+    find.add_argument("--top", type=int, default=10, help="results to print (default 10)")
+    find.set_defaults(func=cmd_search)
 
     viewer = sub.add_parser("viewer", help="write the static HTML neuron viewer for the lake")
     _common(viewer)
@@ -578,6 +664,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuron_pipeline.corpus import CorpusError
     from neuron_pipeline.interp.prompts import PromptTemplateError
     from neuron_pipeline.lake import LakeError
+    from neuron_pipeline.lake.search import SearchError
+    from neuron_pipeline.llm.embeddings import EmbeddingModelError
     from neuron_pipeline.llm.openai_api import PromptLogprobsUnsupported
     from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
 
@@ -586,6 +674,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         CorpusError,
         LakeError,
+        SearchError,
+        EmbeddingModelError,
         PromptTemplateError,
         PromptLogprobsUnsupported,
         SubjectLoadError,

@@ -126,6 +126,10 @@ class _LLMSettings(_Section):
     max_logprobs: int = Field(20, ge=1)
     # Extra JSON fields sent with every request (e.g. vLLM's top_k or repetition_penalty).
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    # OpenAI's Batch API (backend openai): requests go out as JSONL batches at half the price,
+    # answered within 24 h; a killed run resumes its pending batches (neuron_pipeline/llm/batch.py).
+    batch: bool = False
+    batch_poll_s: float = Field(30.0, gt=0, description="seconds between two looks at a pending batch")
     # Where this backend runs, within the run's layers and neurons (LLMs are slow: a subset).
     layers: str = "all"
     neurons: str = "all"
@@ -142,6 +146,8 @@ class _LLMSettings(_Section):
     def _api_needs_model(self):
         if self.backend == "openai" and not self.model:
             raise ValueError("the openai backend needs `model` (the served model name)")
+        if self.batch and self.backend != "openai":
+            raise ValueError(f"batch: true needs the openai backend (the Batch API), not {self.backend}")
         return self
 
 
@@ -169,6 +175,26 @@ class ExplainerSettings(_LLMSettings):
             raise ValueError("contrastive explanations need an LLM: set backend to local or openai")
         if self.contrastive and (self.best_of > 1 or self.revise):
             raise ValueError("contrastive cannot be combined with best_of or revise yet: use a separate explainer entry")
+        if self.contrastive and self.output_tokens:
+            raise ValueError("contrastive cannot be combined with output_tokens yet: use a separate explainer entry")
+        return self
+
+    # Output-aware: the prompt also shows the tokens the neuron promotes / suppresses
+    # (neuron_output_tokens); its default template is explainer_outputs_v1 ({records} and
+    # {output_tokens}). Needs an LLM backend.
+    output_tokens: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_aware_prompt(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("output_tokens") is True and not data.get("prompt"):
+            return {**data, "prompt": "explainer_outputs_v1"}
+        return data
+
+    @model_validator(mode="after")
+    def _output_tokens_need_an_llm(self) -> "ExplainerSettings":
+        if self.output_tokens and self.backend == "baseline":
+            raise ValueError("output_tokens needs an LLM explainer: set backend to local or openai")
         return self
 
 
@@ -179,6 +205,14 @@ class SimulatorSettings(_LLMSettings):
     mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
     # Fit real ~ a * simulated + b per neuron on held-out records before rsquared / deviation.
     calibrate: bool = False
+
+    @model_validator(mode="after")
+    def _batch_is_chat(self):
+        if self.batch and self.mode == "prompt_logprobs":
+            raise ValueError(
+                "batch: true runs chat requests only: use mode top_logprobs or integers (prompt logprobs need the online API)"
+            )
+        return self
 
 
 from neuron_pipeline.interp.classification import ACTIVATING_MIN, QUIET_MAX  # noqa: E402 - the method's defaults

@@ -179,7 +179,9 @@ def _new_tokens(obj: Any, depth: int = 0, seen: set | None = None) -> tuple[int,
 
 
 def _usd(entry: Any, prompt: int, completion: int) -> float:
-    return (prompt * entry.usd_per_million_prompt + completion * entry.usd_per_million_completion) / 1e6
+    # The Batch API charges half the online price.
+    factor = 0.5 if getattr(entry, "batch", False) else 1.0
+    return factor * (prompt * entry.usd_per_million_prompt + completion * entry.usd_per_million_completion) / 1e6
 
 
 def cost_metadata(entries: list[tuple[Any, Any]], rows: pl.DataFrame | None = None, id_attr: str = "explainer_id") -> dict[str, Any]:

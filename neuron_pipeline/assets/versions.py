@@ -28,6 +28,8 @@ from typing import Any
 import dagster as dg
 
 from neuron_pipeline.config import Settings
+from neuron_pipeline.llm.embeddings import EMBEDDING_MODEL
+from neuron_pipeline.subject.output_tokens import OUTPUT_TOKENS_K
 
 # Runtime knobs of an LLM backend that do not change what it produces.
 _RUNTIME_FIELDS = {
@@ -42,6 +44,8 @@ _RUNTIME_FIELDS = {
     "usd_per_million_completion",
     "api_key_env",
     "base_url",
+    "batch",
+    "batch_poll_s",
 }
 SIMULATOR_TEMPLATE_PREFIX = "simulator"
 # Templates of the detection / fuzzing scorers: neither explainer- nor simulator-side.
@@ -50,8 +54,10 @@ SCORER_TEMPLATE_PREFIXES = ("detection", "fuzzing")
 # Stages in pipeline order, by asset key; each recipe includes the one before it.
 STAGES = [
     ("corpus_tokens", ["corpus_tokens"]),
+    ("neuron_output_tokens", ["neuron_output_tokens"]),
     ("capture", ["neuron_activations", "activation_records"]),
     ("explanations", ["explanations"]),
+    ("explanation_embeddings", ["explanation_embeddings"]),
     ("simulations", ["simulations"]),
     ("scores", ["scores"]),
     ("scorer_results", ["scorer_results"]),
@@ -110,6 +116,8 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             "trust_remote_code": subject.trust_remote_code,
             "corpus": settings.corpus.model_dump(mode="json"),
         },
+        # Output tokens depend on the model's weights alone (the model is in corpus_tokens' recipe).
+        "neuron_output_tokens": {"dtype": subject.dtype, "top_k": OUTPUT_TOKENS_K},
         "capture": {
             "dtype": subject.dtype,
             "neurons": settings.neurons,
@@ -118,6 +126,7 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             ),
         },
         "explanations": explain,
+        "explanation_embeddings": {"embedding_model": EMBEDDING_MODEL},
         "simulations": {
             "simulators": simulators,
             "templates": template_hashes(templates, simulator=True) if llm_simulators else {},

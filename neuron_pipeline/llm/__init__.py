@@ -49,6 +49,7 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings | ScorerS
     """What can be checked before any model is loaded or anything is written: the prompt
     templates, the API key, and that the API server accepts connections. Raises a one-line
     ``ConfigError`` / ``PromptTemplateError``."""
+    from neuron_pipeline.interp.explainer import explainer_placeholders
     from neuron_pipeline.interp.prompts import load_template
 
     if isinstance(settings, ScorerSettings) and settings.method == "embedding":
@@ -67,7 +68,7 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings | ScorerS
     elif isinstance(settings, ExplainerSettings) and settings.contrastive:
         load_template(_contrastive_template(settings), required=("records", "negatives"))
     elif isinstance(settings, ExplainerSettings):
-        load_template(settings.prompt, required=("records",))
+        load_template(settings.prompt, required=explainer_placeholders(settings.output_tokens))
         if settings.revise:
             load_template(RefiningExplainer.reviser_template, required=("explanation", "records"))
     else:
@@ -79,13 +80,22 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings | ScorerS
         check_reachable(settings.base_url, api_key=key, api_key_env=settings.api_key_env)
 
 
+def _chat_backend(settings: ExplainerSettings | SimulatorSettings, backend, cache: LLMCache | None):
+    """The backend for chat requests: through the Batch API when ``batch`` is set."""
+    if not settings.batch:
+        return backend
+    from neuron_pipeline.llm.batch import BatchChatModel
+
+    return BatchChatModel(backend, cache, poll_s=settings.batch_poll_s)
+
+
 def make_explainer(
     settings: ExplainerSettings, cache: LLMCache | None = None, ranker: Simulator | None = None
 ) -> Explainer:
     """``ranker`` simulates candidate explanations for best-of-n and revision."""
     if settings.backend == "baseline":
         return BaselineExplainer(max_tokens=settings.baseline_tokens)
-    backend = make_backend(settings)
+    backend = _chat_backend(settings, make_backend(settings), cache)
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
     if settings.contrastive:
         from neuron_pipeline.interp.contrastive import ContrastiveExplainer
@@ -97,7 +107,13 @@ def make_explainer(
             temperature=settings.temperature,
             negatives=settings.negatives,
         )
-    explainer = LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
+    explainer = LLMExplainer(
+        chat_model,
+        settings.prompt,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        output_tokens=settings.output_tokens,
+    )
     if settings.best_of > 1 or settings.revise:
         return RefiningExplainer(explainer, ranker or BaselineSimulator(), n=settings.best_of, revise=settings.revise)
     return explainer
@@ -113,6 +129,9 @@ def _make_simulator(settings: SimulatorSettings, cache: LLMCache | None) -> Simu
         return BaselineSimulator()
     backend = make_backend(settings)
     mode = settings.mode
+    if settings.batch:  # the Batch API answers chat requests: read top logprobs unless told otherwise
+        backend = _chat_backend(settings, backend, cache)
+        mode = "top_logprobs" if mode == "auto" else mode
     if mode == "auto":
         supports = getattr(backend, "supports_prompt_logprobs", None)
         mode = "prompt_logprobs" if supports is None or supports() else "top_logprobs"

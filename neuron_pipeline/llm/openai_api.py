@@ -106,6 +106,8 @@ FAULT_KINDS = {
     "logprobs_capped": "the server refused that many logprobs (HTTP 400 naming its maximum); asked again with its maximum",
     "usage_missing": "no usage field; tokens estimated from characters",
     "budget_exceeded": "token or dollar budget spent; request not sent",
+    "batch_expired": "Batch API: the request was not run within the completion window; asked again on the next run",
+    "batch_failed": "Batch API: the request (or the whole batch) failed; asked again on the next run",
 }
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions"}
@@ -598,7 +600,7 @@ class OpenAICompatible:
             f"{kind}{tried} from {endpoint} endpoint of {self.model_name}: {self._scrub(message)}", kind, status, max(1, attempts)
         )
 
-    def _account(self, data: dict, params: dict, result: Any) -> None:
+    def _account(self, data: dict, params: dict, result: Any, price_factor: float = 1.0) -> None:
         usage = data.get("usage")
         prompt_tokens = completion_tokens = None
         if isinstance(usage, dict):
@@ -610,7 +612,7 @@ class OpenAICompatible:
             prompt_tokens, completion_tokens = prompt_chars // 4 + 1, completion_chars // 4 + 1
         self.usage["prompt_tokens"] += int(prompt_tokens)
         self.usage["completion_tokens"] += int(completion_tokens)
-        self.usage["usd"] += (
+        self.usage["usd"] += price_factor * (
             prompt_tokens * self.usd_per_million_prompt + completion_tokens * self.usd_per_million_completion
         ) / 1e6
 
@@ -632,7 +634,8 @@ class OpenAICompatible:
 
     # --- chat --------------------------------------------------------------------------------------
 
-    async def _chat(self, request: ChatRequest) -> ChatResponse:
+    def chat_params(self, request: ChatRequest) -> tuple[dict[str, Any], bool]:
+        """The JSON body of a chat request (without ``extra_body``), and whether it asks for logprobs."""
         params: dict[str, Any] = {
             "model": self.model_name,
             "messages": [{"role": role, "content": content} for role, content in request.messages],
@@ -646,6 +649,24 @@ class OpenAICompatible:
         want_logprobs = request.top_logprobs > 0 and self._chat_logprobs is not False
         if want_logprobs:
             params.update(logprobs=True, top_logprobs=min(self.value_logprobs, request.top_logprobs))
+        return params, want_logprobs
+
+    def read_chat(self, data: Any, params: dict[str, Any], want_logprobs: bool, price_factor: float = 1.0) -> ChatResponse:
+        """A chat answer's JSON (e.g. one line of a Batch API output file) as a ``ChatResponse``,
+        its tokens accounted at ``price_factor`` times the prices; ``LLMRequestError`` (malformed)
+        when it cannot be read."""
+        try:
+            if not isinstance(data, dict):
+                raise _Malformed("the answer is not a JSON object")
+            result = self._parse_chat(data, want_logprobs)
+        except _Malformed as exc:
+            self.faults["malformed"] += 1
+            raise LLMRequestError(f"malformed answer from {self.model_name}: {exc}", "malformed") from None
+        self._account(data, params, result, price_factor)
+        return result
+
+    async def _chat(self, request: ChatRequest) -> ChatResponse:
+        params, want_logprobs = self.chat_params(request)
         while True:
             try:
                 return await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
