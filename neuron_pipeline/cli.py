@@ -221,12 +221,33 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
     except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate
         raise RunFailed(f"{(exc.description or 'a step failed').splitlines()[0]}{_failed_calls(settings, layers)}") from None
     _print_summary(settings, layers)
+    _print_value_mass_warning(settings, layers)
     if any(faults.values()):
         print("API faults met (retried, or recorded with the neuron): " + "; ".join(
             f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
             for role, kinds in faults.items() if kinds
         ))
     return 0
+
+
+def _print_value_mass_warning(settings, layers: list[int]) -> None:
+    """A line when some neurons' simulations saw under 90% of the value tokens' mass (a top-k API)."""
+    from neuron_pipeline.assets.metadata import VALUE_MASS_WARNING, low_value_mass
+    from neuron_pipeline.lake import read_table
+
+    try:
+        simulations = read_table(settings.lake_location, "simulations", where={"layer": [str(layer) for layer in layers]})
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    low = low_value_mass(simulations)
+    if low.height:
+        worst = low.row(0, named=True)
+        print(
+            f"warning: {low.height} neuron(s) were simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+            f"probability mass (worst: layer {worst['layer']} neuron {worst['neuron']}, {worst['value_mass']:.2f}, "
+            f"{worst['simulator_id']}): the API's top-k logprobs dropped the digits, so their scores are unreliable; "
+            "query value_mass in simulations"
+        )
 
 
 def _add_faults(total: dict[str, dict[str, int]], result) -> None:
@@ -487,6 +508,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the configured run would cost, before anything is paid (neuron_pipeline/plan.py)."""
+    import json
+
+    from neuron_pipeline.config import ConfigError
+    from neuron_pipeline.plan import make_plan, render
+
+    if args.latency is not None and args.latency <= 0:
+        raise ConfigError(f"--latency must be positive seconds per call, got {args.latency}")
+    settings = _settings(args)
+    plan = make_plan(settings, latency_s=args.latency or 1.0)
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.as_dict(), indent=2))
+        print(f"plan written to {args.json}")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (see README)")
     parser.add_argument("--profile", help="named profile: demo (default) or paper")
@@ -503,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--neurons", help="'all', '0-31', ...")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="before anything is paid: neurons, LLM calls, tokens, dollars and wall time")
+    _common(plan)
+    plan.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
+    plan.add_argument("--neurons", help="'all', '0-31', ...")
+    plan.add_argument("--latency", type=float, help="seconds per API call for the wall-time estimate (default 1)")
+    plan.add_argument("--json", help="also write the plan as JSON to this file")
+    plan.set_defaults(func=cmd_plan)
 
     show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")
     _common(show)

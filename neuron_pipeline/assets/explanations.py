@@ -17,6 +17,7 @@ from neuron_pipeline.config import RecordsSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
+from neuron_pipeline.plan import run_plan
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
 
@@ -130,6 +131,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         run_layers = [str(layer) for layer in layers]
         upstream = yield from gate_upstream("explanations", "activation_records", lake, layers, settings)
+        plan = run_plan(settings, context.log.info)  # the bill of the configured run, before anything is paid
         records = {layer: load_neuron_records(lake, layer) for layer in layers}
         missing = [layer for layer in layers if not records[layer]]
         if missing:
@@ -168,7 +170,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         publish_layers(context, "explanations", combined)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
-            metadata={**totals, **lake_metadata(lake, "explanations")},
+            metadata={**totals, **lake_metadata(lake, "explanations"), **plan},
         )
 
     return explanations

@@ -8,7 +8,14 @@ import dagster as dg
 from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
-from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.metadata import (
+    VALUE_MASS_WARNING,
+    cost_metadata,
+    lake_metadata,
+    low_value_mass,
+    publish_layers,
+    value_mass_metadata,
+)
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
@@ -81,6 +88,7 @@ def simulate_layer(
                     "input_hash": input_hash,
                     "prompt_tokens": simulation.prompt_tokens,
                     "completion_tokens": simulation.completion_tokens,
+                    "value_mass": simulation.value_mass,
                 }
             )
     return table_frame("simulations", rows), calls, failed
@@ -149,6 +157,13 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 replace_where={"layer": simulator_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
             )
         total_rows = combined.height
+        low_mass = low_value_mass(combined)
+        if low_mass.height:
+            context.log.warning(
+                f"{low_mass.height} neuron(s) simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+                f"probability mass (lowest: layer {low_mass['layer'][0]} neuron {low_mass['neuron'][0]}, "
+                f"{low_mass['value_mass'][0]:.2f}): a top-k API dropped the digits; see value_mass in simulations"
+            )
         publish_layers(context, "simulations", combined)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
@@ -161,6 +176,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "prompt_tokens": int(combined["prompt_tokens"].sum() or 0),
                 "completion_tokens": int(combined["completion_tokens"].sum() or 0),
                 **cost_metadata(llm.simulators(), combined, id_attr="simulator_id"),
+                **value_mass_metadata(combined),
                 **lake_metadata(lake, "simulations"),
             },
         )

@@ -173,7 +173,8 @@ def serve() -> None:
 
     warnings.filterwarnings("ignore")
     # Everything a pipeline run imports, without running any of it.
-    import aiohttp  # noqa: F401
+    import aiohttp  # noqa: F401 - the openai SDK's transport
+    import openai  # noqa: F401
     import dagster  # noqa: F401
     import deltalake  # noqa: F401
     import great_expectations  # noqa: F401
