@@ -347,6 +347,10 @@ def _print_summary(settings, layers: list[int]) -> None:
     )
     console.print(f"lake:   {settings.lake_location}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_location}")
+    from neuron_pipeline.lake import table_exists
+
+    if table_exists(settings.lake_location, "explanation_embeddings"):
+        console.print(f"search: neuron-pipeline search \"names of people\" --lake {settings.lake_location}")
     from neuron_pipeline.viewer import default_viewer_dir
 
     viewer_index = default_viewer_dir(settings.lake_location) / "index.html"
@@ -381,6 +385,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f"(top {fmt(s['score_top'])}, random {fmt(s['score_random'])})"
                 + (f" [{s['null_reason']}]" if s["null_reason"] else "")
             )
+    _print_output_tokens(console, lake, where)
     top = records.filter(records["kind"] == "top").sort("rank").head(args.excerpts)
     max_activation = max(float(top["max_activation"].max() or 0.0), 1e-9)
     console.print(f"\n[bold]top {top.height} excerpts[/bold] (max activation {max_activation:.3f})")
@@ -391,6 +396,54 @@ def cmd_show(args: argparse.Namespace) -> int:
             shade = int(255 - 200 * strength)
             line.append(token.replace("\n", "⏎"), style=f"on rgb(255,{shade},{shade})" if strength > 0.05 else "")
         console.print(line)
+    return 0
+
+
+# Output tokens shown per direction by `show` (the table keeps more).
+SHOWN_OUTPUT_TOKENS = 10
+
+
+def _print_output_tokens(console, lake, where: dict) -> None:
+    """The neuron's promoted and suppressed tokens (neuron_output_tokens), when computed."""
+    from rich.markup import escape
+
+    from neuron_pipeline.lake import read_table
+
+    rows = read_table(lake, "neuron_output_tokens", where=where)
+    if rows.is_empty():
+        return
+    row = rows.row(0, named=True)
+    for label, tokens, logits in (
+        ("promotes", row["promoted_tokens"], row["promoted_logits"]),
+        ("suppresses", row["suppressed_tokens"], row["suppressed_logits"]),
+    ):
+        shown = ", ".join(
+            f"{escape(repr(token))} {logit:+.2f}" for token, logit in list(zip(tokens, logits))[:SHOWN_OUTPUT_TOKENS]
+        )
+        console.print(f"\n[bold]{label}[/bold] (logit weight): {shown}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The explanations nearest in meaning to a query, with their neurons and scores."""
+    import polars as pl
+
+    from neuron_pipeline.config import parse_index_spec
+    from neuron_pipeline.lake.search import search
+
+    settings = _settings(args)
+    layers = parse_index_spec(args.layers, 1 << 20, "layer") if args.layers else None
+    hits = search(settings.lake_location, args.text, layers=layers, top=args.top)
+    frame = hits.select(
+        "rank",
+        pl.col("similarity").round(3),
+        "layer",
+        "neuron",
+        pl.col("score").round(3),
+        "explainer_id",
+        "explanation",
+    )
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=100, tbl_width_chars=220, tbl_hide_dataframe_shape=True):
+        print(frame)
     return 0
 
 
@@ -565,6 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--limit", type=int, default=50, help="rows to print")
     query.set_defaults(func=cmd_query)
 
+    find = sub.add_parser("search", help="find neurons whose explanations are nearest in meaning to a text")
+    _common(find)
+    find.add_argument("text", help='what to look for, e.g. "money and prices"')
+    find.add_argument("--layers", help="only these layers: '3', '0,3' or '0-5' (default: all)")
+    find.add_argument("--top", type=int, default=10, help="results to print (default 10)")
+    find.set_defaults(func=cmd_search)
+
     viewer = sub.add_parser("viewer", help="write the static HTML neuron viewer for the lake")
     _common(viewer)
     viewer.add_argument("--out", help="output folder (default: a `viewer` folder next to the lake)")
@@ -594,6 +654,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuron_pipeline.corpus import CorpusError
     from neuron_pipeline.interp.prompts import PromptTemplateError
     from neuron_pipeline.lake import LakeError
+    from neuron_pipeline.lake.search import SearchError
+    from neuron_pipeline.llm.embeddings import EmbeddingModelError
     from neuron_pipeline.llm.openai_api import PromptLogprobsUnsupported
     from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
 
@@ -602,6 +664,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         CorpusError,
         LakeError,
+        SearchError,
+        EmbeddingModelError,
         PromptTemplateError,
         PromptLogprobsUnsupported,
         SubjectLoadError,
