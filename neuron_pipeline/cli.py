@@ -566,6 +566,59 @@ def cmd_viewer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per layer and stage: materialized, stale, failed or stopped, and the LLM spend so far."""
+    import dagster as dg
+    from rich.console import Console
+    from rich.table import Table
+
+    from neuron_pipeline.assets.status import LAYER_STAGES, pipeline_status
+    from neuron_pipeline.lake import SCHEMAS, table_exists
+
+    settings = _settings(args)
+    lake = settings.lake_location
+    _check_lake_folder(lake)
+    if not any(table_exists(lake, table) for table in SCHEMAS):
+        raise UserError(f"no lake tables in {lake}: run `neuron-pipeline run` first, or point --lake at a lake")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    try:
+        status = pipeline_status(settings, instance)
+    finally:
+        if instance is not None:
+            instance.dispose()
+    if args.layers is not None and args.layers.strip().lower() != "all":
+        from neuron_pipeline.config import parse_index_spec
+
+        wanted = {str(layer) for layer in parse_index_spec(args.layers, 1 << 20, "layer")}
+        status.layers = [layer for layer in status.layers if layer.layer in wanted]
+    console = Console(width=max(Console().width, 120), highlight=False)
+    marks = {"complete": "", "stale": "STALE ", "failed": "FAILED ", "stopped": "STOPPED ", "missing": "-"}
+    table = Table(title=f"neuron-pipeline status: {lake}")
+    for column in ("layer", *[stage for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
+        table.add_column(column)
+    for layer in status.layers:
+        cells = [marks[s.state] + s.detail if s.state != "missing" else "-" for s in layer.stages.values()]
+        usd = "n/a" if layer.llm_usd is None else f"{layer.llm_usd:.4f}"
+        table.add_row(layer.layer, *cells, f"{layer.llm_tokens:,}", usd)
+    console.print(table)
+    for layer in status.layers:
+        for stage, stage_status in layer.stages.items():
+            if stage_status.why:
+                console.print(f"layer {layer.layer} {stage} {stage_status.state}: {stage_status.why}", soft_wrap=True)
+    total_usd = [layer.llm_usd for layer in status.layers]
+    stored = "n/a (a model no longer configured)" if None in total_usd else f"${sum(total_usd):.4f}"
+    console.print(f"LLM spend in the lake: {sum(layer.llm_tokens for layer in status.layers):,} tokens stored with the rows, {stored} at the configured prices", soft_wrap=True)
+    if status.runs_usd is not None:
+        console.print(f"LLM spend recorded by {status.runs_counted} runs: {status.runs_tokens:,} new tokens, ${status.runs_usd:.4f} (stopped runs record none)", soft_wrap=True)
+    console.print(status.instance_note, soft_wrap=True)
+    todo = {layer.layer: layer.todo() for layer in status.layers if layer.todo()}
+    if todo:
+        console.print("next `neuron-pipeline run` of these layers redoes: " + "; ".join(f"layer {k}: {', '.join(v)}" for k, v in todo.items()), soft_wrap=True)
+    else:
+        console.print("every layer in the lake is complete and up to date")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Set-up: convert the bundled model and fetch the offline corpus into the cache."""
     from neuron_pipeline.corpus import fetch_janeausten
@@ -645,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(viewer)
     viewer.add_argument("--out", help="output folder (default: a `viewer` folder next to the lake)")
     viewer.set_defaults(func=cmd_viewer)
+
+    status = sub.add_parser("status", help="per layer and stage: materialized, stale, failed; LLM spend so far")
+    _common(status)
+    status.add_argument("--layers", help="only these layers (default: every layer in the lake)")
+    status.add_argument("--neurons", help="as given to `run` (the neuron selection is part of the capture's recipe)")
+    status.set_defaults(func=cmd_status)
 
     fetch = sub.add_parser("fetch", help="prepare the offline default model and corpus")
     fetch.add_argument("--model", default="smollm2-135m-instruct")
