@@ -594,7 +594,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 120), highlight=False)
     marks = {"complete": "", "stale": "STALE ", "failed": "FAILED ", "stopped": "STOPPED ", "missing": "-"}
     table = Table(title=f"neuron-pipeline status: {lake}")
-    for column in ("layer", *[stage for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
+    for column in ("layer", *[stage.replace("_", " ") for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
         table.add_column(column)
     for layer in status.layers:
         cells = [marks[s.state] + s.detail if s.state != "missing" else "-" for s in layer.stages.values()]
