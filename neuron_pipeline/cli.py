@@ -468,16 +468,24 @@ def _print_scorer_summary(console, settings, layers: list[int]) -> None:
     """Detection / fuzzing / embedding scores of the run's layers (README: what each score means)."""
     from rich.table import Table
 
+    from neuron_pipeline.lake import read_table
+
     summary = _scorer_summary(settings.lake_location, layers)
     if summary.is_empty():
         return
+    # The explainer's label (interp/reporting.py) next to its id.
+    explanations = read_table(
+        settings.lake_location, "explanations", where={"layer": [str(layer) for layer in layers]},
+        columns=["explainer_id", "explainer_label"],
+    )
+    labels = dict(explanations.drop_nulls().unique("explainer_id").iter_rows())
     table = Table(title="scorers (detection, fuzzing: balanced accuracy; embedding: AUROC; 0.5 = chance)")
     for column in ("layer", "explainer", "scorer", "neurons", "mean score", "null", "failed groups", "tokens"):
         table.add_column(column)
     for row in summary.iter_rows(named=True):
         table.add_row(
             str(row["layer"]),
-            row["explainer_id"],
+            f"{labels.get(row['explainer_id'], row['explainer_id'])}\n[dim]{row['explainer_id']}[/dim]",
             row["scorer_id"],
             str(row["neurons"]),
             "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}",
