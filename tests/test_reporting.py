@@ -233,6 +233,7 @@ def _config(tmp_path: Path, explainer_fake: FakeOpenAIServer, simulator_fake: Fa
                 "records": {"score_top": 3, "score_random": 3},
                 "explainers": [{"backend": "baseline"}, _api(explainer_fake)],
                 "simulators": [{"backend": "baseline"}, _api(simulator_fake, mode="integers")],
+                "scorers": [],  # detection / fuzzing would share the simulator's server and its scripted faults
             }
         )
     )

@@ -332,7 +332,8 @@ def _scorer_layer_rows(lake: _Lake, layer: str) -> list[dict[str, Any]]:
         mean_simulation_score=pl.col("simulation_score").mean(),
     )
     return [
-        {k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+        {**{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()},
+         "explainer_label": lake.explainer_label(row["explainer_id"])}
         for row in summary.sort("explainer_id", "method").iter_rows(named=True)
     ]
 

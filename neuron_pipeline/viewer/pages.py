@@ -462,7 +462,7 @@ def scorer_layer_panel(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         parts.append(
-            f"<tr><td><code>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
+            f"<tr><td>{esc(row.get('explainer_label') or row['explainer_id'])} <code class=small>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
             f"<td class=num>{fmt_number(row['neurons'])}</td><td class=\"num headline\">{fmt_score(row['mean_score'])}</td>"
             f"<td class=num>{fmt_number(row['null_scores'])}</td><td class=num>{fmt_score(row['mean_simulation_score'])}</td></tr>"
         )
