@@ -86,8 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --verbose they show among Dagster's logs anyway).
     progress.echo(not args.verbose and not sys.stderr.isatty())
     stopper = _RunStopper()
-    with interrupts.StopOnSignal(stopper.first, stopper.second):
-        return _run(args, stopper)
+    try:
+        with interrupts.StopOnSignal(stopper.first, stopper.second):
+            return _run(args, stopper)
+    finally:
+        interrupts.clear()  # a later run in the same process (tests, notebooks) starts afresh
 
 
 RESUME_HINT = "run the same command again to resume; nothing written or paid for is lost"
