@@ -14,9 +14,11 @@ import polars as pl
 from data_quality import (
     activation_records,
     corpus_tokens,
+    explanation_embeddings,
     explanations,
     layer_summary,
     neuron_activations,
+    neuron_output_tokens,
     scores,
     simulations,
 )
@@ -30,6 +32,8 @@ _MODULES = {
     "simulations": simulations,
     "scores": scores,
     "layer_summary": layer_summary,
+    "neuron_output_tokens": neuron_output_tokens,
+    "explanation_embeddings": explanation_embeddings,
 }
 
 # Table name -> suite builder: ``build_suite(params, layers=()) -> gx.ExpectationSuite``.

@@ -163,6 +163,23 @@ class ExplainerSettings(_LLMSettings):
     # records; and/or revise once after seeing the worst-simulated excerpts.
     best_of: int = Field(1, ge=1, le=16)
     revise: bool = False
+    # Output-aware: the prompt also shows the tokens the neuron promotes / suppresses
+    # (neuron_output_tokens); its default template is explainer_outputs_v1 ({records} and
+    # {output_tokens}). Needs an LLM backend.
+    output_tokens: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_aware_prompt(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("output_tokens") is True and not data.get("prompt"):
+            return {**data, "prompt": "explainer_outputs_v1"}
+        return data
+
+    @model_validator(mode="after")
+    def _output_tokens_need_an_llm(self) -> "ExplainerSettings":
+        if self.output_tokens and self.backend == "baseline":
+            raise ValueError("output_tokens needs an LLM explainer: set backend to local or openai")
+        return self
 
 
 class SimulatorSettings(_LLMSettings):

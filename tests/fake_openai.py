@@ -472,9 +472,12 @@ def chat_content(messages: list[dict]) -> str:
         token, tab, value = line.rpartition("\t")
         if tab and value.strip().isdigit() and int(value) > best_value:
             best, best_value = token, int(value)
+    # An output-aware prompt (explainer_outputs_v1) also lists the tokens the neuron promotes.
+    promoted = re.findall(r'^Promotes: "((?:[^"\\]|\\.)*)"', last, flags=re.M)
+    promotes = f', and it makes the model say "{promoted[-1].strip()}"' if promoted else ""
     if best is None:
-        return " things mentioned in the prompt."
-    return f' the word "{best.strip()}" and words like it.'
+        return f" things mentioned in the prompt{promotes}."
+    return f' the word "{best.strip()}" and words like it{promotes}.'
 
 
 def _multipart(content_type: str, data: bytes) -> dict[str, Any]:

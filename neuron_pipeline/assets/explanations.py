@@ -1,7 +1,9 @@
 """Stage 3: every configured explainer explains every selected neuron of the layer."""
 
 
+import dataclasses
 from datetime import datetime, timezone
+from typing import Mapping
 
 import polars as pl
 
@@ -15,6 +17,7 @@ from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer
+from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
 from neuron_pipeline.plan import run_plan
@@ -54,9 +57,12 @@ def explain_layer(
     records_settings: RecordsSettings,
     model_id: str,
     layer: int,
+    output_tokens: Mapping[int, OutputTokens] | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
-    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations)."""
+    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations).
+    ``output_tokens`` (neuron -> promoted / suppressed tokens) feeds output-aware explainers."""
+    uses_outputs = getattr(explainer, "uses_output_tokens", False)
     done = {
         (row["neuron"], row["records_hash"]): row
         for row in existing.iter_rows(named=True)
@@ -73,12 +79,19 @@ def explain_layer(
         # Explainers that choose among candidates also read the held-out records.
         seen = splits.explain + (splits.holdout_top + splits.holdout_random if hasattr(explainer, "explain_splits") else [])
         fingerprint = records_fingerprint(seen)
+        if uses_outputs:
+            splits = dataclasses.replace(splits, output_tokens=outputs_of(output_tokens, layer, neuron))
+            fingerprint = content_hash(fingerprint, splits.output_tokens.fingerprint())
         if (neuron, fingerprint) in done:
             rows.append(done[(neuron, fingerprint)])
         else:
             todo.append((neuron, fingerprint, splits))
     if hasattr(explainer, "explain_splits"):
         explain_many = explainer.explain_splits
+    elif uses_outputs:
+        explain_many = lambda splits_list: explainer.explain_many(  # noqa: E731
+            [s.explain for s in splits_list], [s.output_tokens for s in splits_list]
+        )
     else:
         explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
         explain_many = (lambda inner: lambda splits_list: inner([s.explain for s in splits_list]))(explain_many)
@@ -106,12 +119,30 @@ def explain_layer(
     return table_frame("explanations", sorted(rows, key=lambda r: r["neuron"])), len(todo)
 
 
+def outputs_of(output_tokens: Mapping[int, OutputTokens] | None, layer: int, neuron: int) -> OutputTokens:
+    if not output_tokens or neuron not in output_tokens:
+        raise ValueError(
+            f"no neuron_output_tokens for layer {layer} neuron {neuron} (an output-aware explainer reads them): "
+            "materialize neuron_output_tokens for the layer first"
+        )
+    return output_tokens[neuron]
+
+
+def load_output_tokens(lake, layer: int) -> dict[int, OutputTokens]:
+    """neuron -> its promoted / suppressed tokens, from the neuron_output_tokens table."""
+    rows = read_table(
+        lake, "neuron_output_tokens", where={"layer": str(layer)}, columns=["neuron", "promoted_tokens", "suppressed_tokens"]
+    )
+    return {n: OutputTokens.of(p, s) for n, p, s in rows.iter_rows()}
+
+
 def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
     """The explanations asset over the given layer partitions."""
 
     @dg.asset(
         partitions_def=partitions,
-        deps=["activation_records"],
+        # Output-aware explainers also read each neuron's promoted tokens.
+        deps=["activation_records", "neuron_output_tokens"],
         group_name="explain",
         kinds={"delta"},
         owners=["team:interpretability"],
@@ -146,8 +177,9 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 wanted = select_subset(explainer_settings.neurons, sorted(layer_records))
                 where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
                 existing = read_table(lake, "explanations", where=where)
+                outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
                 frame, calls = explain_layer(
-                    explainer, {n: layer_records[n] for n in wanted}, existing, settings.records, model_id, layer
+                    explainer, {n: layer_records[n] for n in wanted}, existing, settings.records, model_id, layer, outputs
                 )
                 per_layer.append(frame)
                 totals["new_calls"] += calls

@@ -28,6 +28,8 @@ from typing import Any
 import dagster as dg
 
 from neuron_pipeline.config import Settings
+from neuron_pipeline.llm.embeddings import EMBEDDING_MODEL
+from neuron_pipeline.subject.output_tokens import OUTPUT_TOKENS_K
 
 # Runtime knobs of an LLM backend that do not change what it produces.
 _RUNTIME_FIELDS = {
@@ -50,8 +52,10 @@ SIMULATOR_TEMPLATE_PREFIX = "simulator"
 # Stages in pipeline order, by asset key; each recipe includes the one before it.
 STAGES = [
     ("corpus_tokens", ["corpus_tokens"]),
+    ("neuron_output_tokens", ["neuron_output_tokens"]),
     ("capture", ["neuron_activations", "activation_records"]),
     ("explanations", ["explanations"]),
+    ("explanation_embeddings", ["explanation_embeddings"]),
     ("simulations", ["simulations"]),
     ("scores", ["scores"]),
     ("layer_summary", ["layer_summary"]),
@@ -105,6 +109,8 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             "trust_remote_code": subject.trust_remote_code,
             "corpus": settings.corpus.model_dump(mode="json"),
         },
+        # Output tokens depend on the model's weights alone (the model is in corpus_tokens' recipe).
+        "neuron_output_tokens": {"dtype": subject.dtype, "top_k": OUTPUT_TOKENS_K},
         "capture": {
             "dtype": subject.dtype,
             "neurons": settings.neurons,
@@ -113,6 +119,7 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             ),
         },
         "explanations": explain,
+        "explanation_embeddings": {"embedding_model": EMBEDDING_MODEL},
         "simulations": {
             "simulators": simulators,
             "templates": template_hashes(templates, simulator=True) if llm_simulators else {},

@@ -137,6 +137,34 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("simulator_completion_tokens", pa.int64()),
         ]
     ),
+    # What each neuron writes to the output, from the weights alone (subject/output_tokens.py):
+    # the tokens whose logits its output vector raises most / lowers most, highest first.
+    "neuron_output_tokens": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("promoted_tokens", _tokens),
+            ("promoted_token_ids", pa.list_(pa.int32())),
+            ("promoted_logits", _floats),  # descending
+            ("suppressed_tokens", _tokens),
+            ("suppressed_token_ids", pa.list_(pa.int32())),
+            ("suppressed_logits", _floats),  # ascending (most negative first)
+            ("weights_hash", pa.string()),  # fingerprint of the weights: unchanged model, nothing recomputed
+        ]
+    ),
+    # Every explanation embedded for search by meaning (lake/search.py), unit length.
+    "explanation_embeddings": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("explainer_id", pa.string()),
+            ("embedding_model", pa.string()),
+            ("text_hash", pa.string()),  # hash of the embedded text: a changed explanation re-embeds only itself
+            ("embedding", _floats),
+        ]
+    ),
 }
 
 PARTITIONED_TABLES = [name for name, schema in SCHEMAS.items() if PARTITION_COLUMN in schema.names]
@@ -150,6 +178,8 @@ KEYS: dict[str, list[str]] = {
     "simulations": ["layer", "neuron", "explainer_id", "simulator_id", "kind", "rank"],
     "scores": ["layer", "neuron", "explainer_id", "simulator_id"],
     "layer_summary": ["layer", "explainer_id", "simulator_id"],
+    "neuron_output_tokens": ["layer", "neuron"],
+    "explanation_embeddings": ["layer", "neuron", "explainer_id"],
 }
 
 # Parquet row groups of this many rows for the tables read one neuron at a time: their rows are

@@ -49,12 +49,13 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings) -> None:
     """What can be checked before any model is loaded or anything is written: the prompt
     templates, the API key, and that the API server accepts connections. Raises a one-line
     ``ConfigError`` / ``PromptTemplateError``."""
+    from neuron_pipeline.interp.explainer import explainer_placeholders
     from neuron_pipeline.interp.prompts import load_template
 
     if settings.backend == "baseline":
         return
     if isinstance(settings, ExplainerSettings):
-        load_template(settings.prompt, required=("records",))
+        load_template(settings.prompt, required=explainer_placeholders(settings.output_tokens))
         if settings.revise:
             load_template(RefiningExplainer.reviser_template, required=("explanation", "records"))
     else:
@@ -83,7 +84,13 @@ def make_explainer(
         return BaselineExplainer(max_tokens=settings.baseline_tokens)
     backend = _chat_backend(settings, make_backend(settings), cache)
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
-    explainer = LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
+    explainer = LLMExplainer(
+        chat_model,
+        settings.prompt,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        output_tokens=settings.output_tokens,
+    )
     if settings.best_of > 1 or settings.revise:
         return RefiningExplainer(explainer, ranker or BaselineSimulator(), n=settings.best_of, revise=settings.revise)
     return explainer

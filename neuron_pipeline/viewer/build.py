@@ -280,7 +280,41 @@ def _copy_static(out_dir: Path) -> None:
         (target / name).write_bytes((source / name).read_bytes())
 
 
-def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
+# Similar neurons listed per explanation on a neuron page.
+SIMILAR_NEURONS = 5
+
+
+def _similar_neurons(lake: _Lake) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
+    """(layer, neuron) -> explainer id -> the most similar other neurons by explanation embedding
+    (same explainer), precomputed here so the site stays static."""
+    from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, load_embeddings, nearest_neighbours
+
+    if not table_exists(lake.lake, EMBEDDINGS_TABLE):
+        return {}
+    matrix = load_embeddings(lake.lake)
+    texts = {
+        (layer, int(neuron), explainer_id): text
+        for layer, neuron, explainer_id, text in lake.explanations.select(
+            "layer", "neuron", "explainer_id", "explanation").iter_rows()
+    }
+    out: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    keys = matrix.keys.with_row_index("row")
+    for (explainer_id,), group in keys.group_by(["explainer_id"], maintain_order=True):
+        rows = group["row"].to_numpy()
+        layers, neurons = group["layer"].to_list(), group["neuron"].to_list()
+        indices, similarities = nearest_neighbours(matrix.vectors[rows], np.arange(len(rows)), SIMILAR_NEURONS)
+        for i, (layer, neuron) in enumerate(zip(layers, neurons)):
+            listed = [
+                {"layer": layers[j], "neuron": int(neurons[j]), "similarity": float(similarities[i, c]),
+                 "explanation": texts.get((layers[j], int(neurons[j]), explainer_id))}
+                for c, j in enumerate(indices[i]) if j >= 0
+            ]
+            if listed:
+                out.setdefault((layer, int(neuron)), {})[explainer_id] = listed
+    return out
+
+
+def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = None) -> int:
     neurons = lake.neurons.get(layer, [])
     where = {"layer": layer}
     records = (_rows_by_neuron(_read(lake.lake, "activation_records", where=where), ["kind", "rank"])
@@ -291,6 +325,8 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
     explanations = _rows_by_neuron(lake.explanations.filter(pl.col("layer") == layer))
     scores = _rows_by_neuron(lake.scores.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "simulator_id"))
     modes = _rows_by_neuron(lake.simulation_modes.filter(pl.col("layer") == layer))
+    output_tokens = _rows_by_neuron(_read(lake.lake, "neuron_output_tokens", where={"layer": layer, "neuron": neurons}))
+    similar = similar or {}
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for position, neuron in enumerate(neurons):
@@ -380,6 +416,8 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
             data,
             {kind: len(items) for kind, items in record_data.items()},
             sum(len(pair["excerpts"]) for pair in sim_data),
+            output_tokens=(output_tokens.get(neuron) or [None])[0],
+            similar=similar.get((layer, neuron)),
         )
         # Neuron pages are many: written in place; the index is written last, atomically.
         (folder / pages.neuron_file(neuron)).write_text(html, encoding="utf-8", errors="replace")
@@ -425,6 +463,7 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
             pairs=[_pair_summary(data, layer_scores, e, s, layer) for e, s in layer_pairs],
         ))
 
+    similar = _similar_neurons(data)
     neuron_count = 0
     for summary in layer_summaries:
         folder = out_dir / pages.layer_dir(summary.layer)
@@ -435,7 +474,7 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
         )
         _write(folder / "index.html", html)
         written.add(folder / "index.html")
-        count = _neuron_pages(data, summary.layer, folder)
+        count = _neuron_pages(data, summary.layer, folder, similar)
         written.update(folder / pages.neuron_file(n) for n in data.neurons.get(summary.layer, []))
         neuron_count += count
 

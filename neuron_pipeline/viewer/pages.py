@@ -374,6 +374,49 @@ def _explanation_html(card: ExplanationCard) -> str:
     return "".join(parts)
 
 
+# Output tokens shown per direction on a neuron page.
+SHOWN_OUTPUT_TOKENS = 10
+
+
+def _output_tokens_html(output_tokens: dict[str, Any]) -> str:
+    """The tokens the neuron's output weights promote and suppress, with their logit weights."""
+    columns = []
+    for key, title in (("promoted", "Promotes"), ("suppressed", "Suppresses")):
+        pairs = list(zip(output_tokens.get(f"{key}_tokens") or [], output_tokens.get(f"{key}_logits") or []))
+        items = "".join(
+            f'<li><code class="tok">{esc(repr(token)[1:-1])}</code> <span class="num muted">{logit:+.2f}</span></li>'
+            for token, logit in pairs[:SHOWN_OUTPUT_TOKENS]
+        )
+        columns.append(f'<div class="output-col {key}"><h3>{title}</h3><ol>{items}</ol></div>')
+    return (
+        '<section class="panel" id="output-tokens"><h2>Output tokens</h2>'
+        '<p class="hint">What the neuron writes: the tokens whose logits its output weights raise and lower most '
+        "(output vector through the final norm's gain and the unembedding; logit weight per unit of activation).</p>"
+        f'<div class="output-tokens">{"".join(columns)}</div></section>'
+    )
+
+
+def _similar_html(similar: dict[str, list[dict[str, Any]]]) -> str:
+    """Per explainer id, the neurons (any layer) whose explanations are nearest in meaning."""
+    parts = [
+        '<section class="panel" id="similar"><h2>Similar neurons</h2>'
+        "<p class=\"hint\">Neurons of any layer whose explanation (same explainer) is nearest in meaning to this "
+        "one's, by cosine similarity of their all-MiniLM-L6-v2 embeddings.</p>"
+    ]
+    for explainer_id, rows in similar.items():
+        parts.append(f'<h3><code>{esc(explainer_id)}</code></h3><table class="similar"><thead><tr><th>neuron</th>'
+                     "<th class=num>similarity</th><th>explanation</th></tr></thead><tbody>")
+        for row in rows:
+            href = f"../{layer_dir(row['layer'])}/{neuron_file(row['neuron'])}"
+            parts.append(
+                f'<tr><td><a href="{esc(href)}">layer {esc(row["layer"])} · {int(row["neuron"])}</a></td>'
+                f'<td class=num>{fmt_score(row["similarity"])}</td><td>{esc(row.get("explanation") or "")}</td></tr>'
+            )
+        parts.append("</tbody></table>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 RECORD_SECTIONS = [
     ("top", "Top-activating excerpts", "ranked by the neuron's maximum activation within the excerpt"),
     ("quantile", "Quantile samples", "excerpts sampled from bins of excerpt maximum activation, lowest bin first"),
@@ -392,6 +435,8 @@ def neuron_page(
     data: dict[str, Any],
     record_counts: dict[str, int],
     simulation_count: int,
+    output_tokens: dict[str, Any] | None = None,
+    similar: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     prev_link = f'<a rel="prev" href="{neuron_file(previous)}">← neuron {previous}</a>' if previous is not None else ""
     next_link = f'<a rel="next" href="{neuron_file(following)}">neuron {following} →</a>' if following is not None else ""
@@ -418,6 +463,10 @@ def neuron_page(
     else:
         body.append('<p class="muted">No explanation yet.</p>')
     body.append("</section>")
+    if output_tokens:
+        body.append(_output_tokens_html(output_tokens))
+    if similar:
+        body.append(_similar_html(similar))
     legend = (
         '<div class="scale"><span>activation</span><span class="ramp real" aria-hidden="true"></span>'
         f'<span>0 → {esc(fmt_number(data.get("scale")))} (neuron max)</span></div>'
