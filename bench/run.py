@@ -32,9 +32,10 @@ SECTIONS = {
     "e2e": "6. End to end: the demo pipeline",
     "gpu": "7. GPU",
     "outputs": "8. Output tokens and search by meaning",
+    "vllm": "9. API simulation faithfulness: vLLM (top k) vs local",
 }
 # Execution order: the end-to-end run goes last, with whatever time is left.
-ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu"]
+ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu"]
 
 FULL = {
     "budget_s": 23 * 60,
@@ -73,8 +74,10 @@ FULL = {
         "search": {"layers": 48, "neurons": 6400, "reps": 5},
     },
     # Seconds kept for the sections after each one (a slow machine skips work rather than overrun).
-    "reserve": {"capture": 780, "layers": 690, "simulator": 600, "lake": 560, "api": 520, "outputs": 300, "e2e": 5, "gpu": 0},
-    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "outputs": 60, "e2e": 120, "gpu": 0},
+    "reserve": {"capture": 780, "layers": 690, "simulator": 600, "lake": 560, "api": 520, "outputs": 300, "vllm": 200, "e2e": 5, "gpu": 0},
+    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "outputs": 60, "vllm": 120, "e2e": 120, "gpu": 0},
+    # Section 9 needs vLLM's CPU build in its own venv (NEURON_PIPELINE_VLLM_PYTHON); without it, a note.
+    "vllm_excerpts": 6,
 }
 
 QUICK = {
@@ -102,8 +105,9 @@ QUICK = {
         "embed_texts": 64,
         "search": {"layers": 2, "neurons": 64, "reps": 2, "cli_reps": 1},
     },
-    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu")},
-    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu")},
+    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu")},
+    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu")},
+    "vllm_excerpts": 1,
 }
 
 
@@ -259,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_outputs(section, tmp / "outputs", sizes["outputs"])
 
+    def vllm(section):
+        from bench.vllm_bench import run_vllm
+
+        run_vllm(section, n_excerpts=sizes["vllm_excerpts"])
+
     bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu,
-              "outputs": outputs}
+              "outputs": outputs, "vllm": vllm}
     results: dict[str, Section] = {}
     interrupted: list[str] = []
 
