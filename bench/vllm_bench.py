@@ -1,4 +1,4 @@
-"""Section 9: how faithful an API simulation is. The bundled SmolLM2 served by vLLM's CPU build
+"""Section 10: how faithful an API simulation is. The bundled SmolLM2 served by vLLM's CPU build
 (prompt logprobs, top k per position) against the same model run locally (the whole vocabulary),
 on the same all-at-once prompts: per slot position, the difference of expected values and the
 share of the value tokens' mass the top k captured (true, from the local distribution, and the
@@ -177,7 +177,7 @@ def run_vllm(section: Section, python: str | None = None, n_excerpts: int = 6) -
 if __name__ == "__main__":
     from bench.common import run_section
 
-    section = run_section("vllm", "9. API simulation faithfulness: vLLM (top k) vs local", run_vllm)
+    section = run_section("vllm", "10. API simulation faithfulness: vLLM (top k) vs local", run_vllm)
     print(section.render() if hasattr(section, "render") else section)
     print("\n\n".join(section.tables))
     for row in section.rows:

@@ -293,7 +293,7 @@ def _preflight(settings) -> None:
 
     for table in SCHEMAS:  # on object storage this is also the check that the lake can be reached
         check_table_schema(settings.lake_location, table)
-    for llm_settings in [*settings.explainers, *settings.simulators]:
+    for llm_settings in [*settings.explainers, *settings.simulators, *settings.scorer_entries]:
         check_llm_settings(llm_settings)
 
 
@@ -332,6 +332,7 @@ def _print_summary(settings, layers: list[int]) -> None:
             (row["best_explanation"] or "")[:60],
         )
     console.print(table)
+    _print_scorer_summary(console, settings, layers)
     # Explainer cost repeats on every simulator row of its pair: count it once per explainer.
     per_explainer = summary.unique(["layer", "explainer_id"])
     tokens = {
@@ -358,6 +359,71 @@ def _print_summary(settings, layers: list[int]) -> None:
         console.print(f"viewer: {viewer_index}")
 
 
+def _scorer_summary(lake, layers: list[int]):
+    """Per layer, explainer and scorer: neurons scored, mean score, null scores, failed groups, tokens."""
+    import polars as pl
+
+    from neuron_pipeline.lake import read_table
+
+    rows = read_table(lake, "scorer_results", where={"layer": [str(layer) for layer in layers]})
+    return (
+        rows.group_by("layer", "explainer_id", "method", "scorer_id")
+        .agg(
+            neurons=pl.len(),
+            mean_score=pl.col("score").mean(),
+            null_scores=pl.col("score").is_null().sum(),
+            failed_groups=pl.col("failed_groups").sum(),
+            tokens=(pl.col("prompt_tokens") + pl.col("completion_tokens")).sum(),
+        )
+        .with_columns(pl.col("layer").cast(pl.Int64))
+        .sort("layer", "explainer_id", "method")
+    )
+
+
+def _print_scorer_summary(console, settings, layers: list[int]) -> None:
+    """Detection / fuzzing / embedding scores of the run's layers (README: what each score means)."""
+    from rich.table import Table
+
+    summary = _scorer_summary(settings.lake_location, layers)
+    if summary.is_empty():
+        return
+    table = Table(title="scorers (detection, fuzzing: balanced accuracy; embedding: AUROC; 0.5 = chance)")
+    for column in ("layer", "explainer", "scorer", "neurons", "mean score", "null", "failed groups", "tokens"):
+        table.add_column(column)
+    for row in summary.iter_rows(named=True):
+        table.add_row(
+            str(row["layer"]),
+            row["explainer_id"],
+            row["scorer_id"],
+            str(row["neurons"]),
+            "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}",
+            str(row["null_scores"]),
+            str(row["failed_groups"]),
+            f"{row['tokens']:,}",
+        )
+    console.print(table)
+
+
+def _scorer_lines(rows) -> list[str]:
+    """One line per scorer result of one explanation, for `show`."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for r in rows.sort("method").iter_rows(named=True):
+        if r["method"] == "embedding":
+            line = f"  {r['method']} ({r['scorer_model']}): AUROC {fmt(r['auroc'])} on {r['n_judged']} excerpts"
+        else:
+            line = (
+                f"  {r['method']} ({r['scorer_model']}): balanced accuracy {fmt(r['balanced_accuracy'])} "
+                f"(F1 {fmt(r['f1'])}, AUROC {fmt(r['auroc'])}; {r['n_judged']} of {len(r['labels'] or [])} excerpts judged"
+                + (f", {r['failed_groups']} failed groups" if r["failed_groups"] else "")
+                + f"; {r['prompt_tokens'] + r['completion_tokens']:,} tokens)"
+            )
+        if r["null_reason"]:
+            line += f" [{r['null_reason']}]"
+        lines.append(line)
+    return lines
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.text import Text
@@ -376,6 +442,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     console.print(f"[bold]layer {args.layer} neuron {args.neuron}[/bold]  ({records['model'][0]})")
     explanations = read_table(lake, "explanations", where=where)
     scores = read_table(lake, "scores", where=where)
+    scorer_rows = read_table(lake, "scorer_results", where=where)
     for row in explanations.iter_rows(named=True):
         console.print(f"\n[bold]{row['explainer_id']}[/bold] ({row['explainer_model']}): {row['explanation'] or row['error']}")
         for s in scores.filter(scores["explainer_id"] == row["explainer_id"]).iter_rows(named=True):
@@ -385,6 +452,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f"(top {fmt(s['score_top'])}, random {fmt(s['score_random'])})"
                 + (f" [{s['null_reason']}]" if s["null_reason"] else "")
             )
+        for line in _scorer_lines(scorer_rows.filter(scorer_rows["explainer_id"] == row["explainer_id"])):
+            console.print(line)
     _print_output_tokens(console, lake, where)
     top = records.filter(records["kind"] == "top").sort("rank").head(args.excerpts)
     max_activation = max(float(top["max_activation"].max() or 0.0), 1e-9)
@@ -525,7 +594,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 120), highlight=False)
     marks = {"complete": "", "stale": "STALE ", "failed": "FAILED ", "stopped": "STOPPED ", "missing": "-"}
     table = Table(title=f"neuron-pipeline status: {lake}")
-    for column in ("layer", *[stage for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
+    for column in ("layer", *[stage.replace("_", " ") for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
         table.add_column(column)
     for layer in status.layers:
         cells = [marks[s.state] + s.detail if s.state != "missing" else "-" for s in layer.stages.values()]

@@ -41,7 +41,7 @@ def _config(path: Path, corpus: Path, fake: FakeOpenAIServer, baseline_tokens: i
 def test_status_shows_stale_failed_and_complete_layers_and_the_spend(tmp_path, monkeypatch, capsys):
     import dagster as dg
 
-    from neuron_pipeline.assets.status import pipeline_status
+    from neuron_pipeline.assets.status import LAYER_STAGES, pipeline_status
     from neuron_pipeline.cli import EXIT_RUN_FAILED, main
     from neuron_pipeline.config import load_settings
 
@@ -76,19 +76,21 @@ def test_status_shows_stale_failed_and_complete_layers_and_the_spend(tmp_path, m
         status = {layer.layer: layer for layer in pipeline_status(settings, instance).layers}
 
     states = {layer: {stage: s.state for stage, s in status[layer].stages.items()} for layer in status}
-    assert states["0"] == {"capture": "complete", "explanations": "stale", "simulations": "stale", "scores": "stale",
-                           "layer_summary": "stale"}, states["0"]
-    assert states["1"] == dict.fromkeys(states["1"], "complete"), states["1"]
-    assert states["2"] == {"capture": "complete", "explanations": "failed", "simulations": "missing", "scores": "missing",
-                           "layer_summary": "missing"}, states["2"]
+    stages = [stage for stage, _ in LAYER_STAGES]
+    after_explanations = stages[stages.index("explanations"):]
+    before = {stage: "complete" for stage in stages if stage not in after_explanations}  # capture, output tokens
+    assert {"capture", "explanations", "simulations", "scores", "layer_summary"} <= set(stages)
+    assert states["0"] == {**before, **dict.fromkeys(after_explanations, "stale")}, states["0"]
+    assert states["1"] == dict.fromkeys(stages, "complete"), states["1"]
+    assert states["2"] == {**before, "explanations": "failed", **dict.fromkeys(after_explanations[1:], "missing")}, states["2"]
     assert "code version" in status["0"].stages["explanations"].why
     assert "server_error after 2 attempts" in status["2"].stages["explanations"].why
-    assert status["1"].todo() == [] and status["2"].todo() == ["explanations", "simulations", "scores", "layer_summary"]
+    assert status["1"].todo() == [] and status["2"].todo() == after_explanations
 
     # The same on the screen, one line per reason.
     assert "layer 0 explanations stale: explanations has a new code version" in out
     assert "layer 2 explanations failed: run " in out and "server_error after 2 attempts" in out
-    assert "layer 0: explanations, simulations, scores, layer_summary; layer 2: explanations" in out.replace("\n", " ")
+    assert f"layer 0: {', '.join(after_explanations)}; layer 2: {', '.join(after_explanations)}" in out
 
     # LLM spend: the tokens stored with the simulations at the configured prices.
     simulations = read_table(lake, "simulations")

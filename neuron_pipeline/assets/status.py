@@ -18,17 +18,13 @@ from dataclasses import dataclass, field
 import dagster as dg
 import polars as pl
 
+from neuron_pipeline.assets.versions import STAGES
 from neuron_pipeline.config import Settings
-from neuron_pipeline.lake import read_table, table_exists
+from neuron_pipeline.lake import SCHEMAS, read_table, table_exists
 
-# Stages of a layer, in pipeline order: (stage = Dagster step key, the tables it writes).
-LAYER_STAGES = [
-    ("capture", ["neuron_activations", "activation_records"]),
-    ("explanations", ["explanations"]),
-    ("simulations", ["simulations"]),
-    ("scores", ["scores"]),
-    ("layer_summary", ["layer_summary"]),
-]
+# Stages of a layer, in pipeline order (versions.STAGES without the corpus and the viewer, which
+# are not per layer): (stage = Dagster step key, the tables it writes).
+LAYER_STAGES = [(stage, keys) for stage, keys in STAGES if stage not in ("corpus_tokens", "neuron_viewer")]
 _STAGE_OF_KEY = {key: stage for stage, keys in LAYER_STAGES for key in keys}
 _RANGE_START, _RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 _ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
@@ -70,12 +66,15 @@ def _lake_rows(settings: Settings) -> dict[str, pl.DataFrame]:
     """The few columns status needs from each layer table (never the excerpts themselves)."""
     lake = settings.lake_location
     columns = {
-        "neuron_activations": ["layer", "neuron"],
+        keys[0]: [name for name in ("layer", "neuron") if name in SCHEMAS[keys[0]].names]
+        for _, keys in LAYER_STAGES
+        if keys[0] in SCHEMAS
+    }
+    columns.update({
         "explanations": ["layer", "neuron", "explainer_model", "error", "prompt_tokens", "completion_tokens"],
         "simulations": ["layer", "neuron", "simulator_id", "prompt_tokens", "completion_tokens"],
         "scores": ["layer", "neuron", "score"],
-        "layer_summary": ["layer"],
-    }
+    })
     return {
         table: read_table(lake, table, columns=cols) if table_exists(lake, table) else pl.DataFrame()
         for table, cols in columns.items()
@@ -118,12 +117,12 @@ def _from_lake(settings: Settings) -> dict[str, LayerStatus]:
         status = LayerStatus(layer)
         mine = {table: frame.filter(pl.col("layer") == layer) if frame.height else frame for table, frame in rows.items()}
         for stage, tables in LAYER_STAGES:
-            frame = mine[tables[0]]
+            frame = mine.get(tables[0], pl.DataFrame())
             if not frame.height:
                 continue
             stage_status = status.stages[stage]
             stage_status.state = "complete"
-            if stage == "layer_summary":
+            if "neuron" not in frame.columns:
                 stage_status.detail = "done"
                 continue
             stage_status.detail = f"{frame['neuron'].n_unique()} neurons"

@@ -253,6 +253,7 @@ def layer_page(
     has_baseline_column: bool,
     neurons: int,
     explained: int,
+    scorer_rows: list[dict[str, Any]] | None = None,
 ) -> str:
     position = list(all_layers).index(layer)
     prev_link = (f'<a rel="prev" href="../{layer_dir(all_layers[position - 1])}/index.html">← layer {esc(all_layers[position - 1])}</a>'
@@ -294,6 +295,9 @@ def layer_page(
         f'tabindex="0" scope="col">{esc(label)}<span class="sort-arrow" aria-hidden="true"></span></th>'
         for key, label, kind in columns
     )
+    scorer_panel = scorer_layer_panel(scorer_rows or [])
+    if scorer_panel:  # above the neuron table's controls (crumbs, title, lede come first)
+        body.insert(3, scorer_panel)
     body.append(
         '<div class="panel table-panel"><div class="table-scroll"><table id="neurons" class="neurons">'
         f"<thead><tr>{header}</tr></thead><tbody></tbody></table></div>"
@@ -326,6 +330,8 @@ class ExplanationCard:
     error: str | None
     created_at: str | None
     scores: list[dict[str, Any]]
+    # Detection / fuzzing / embedding results of this explanation (scorer_results rows).
+    scorer_scores: list[dict[str, Any]] = field(default_factory=list)
 
 
 SCORE_COLUMNS = [
@@ -370,7 +376,57 @@ def _explanation_html(card: ExplanationCard) -> str:
         parts.append("</tbody></table></div>")
     else:
         parts.append('<div class="muted small">not scored yet</div>')
+    if card.scorer_scores:
+        parts.append(_scorer_table(card.scorer_scores))
     parts.append("</article>")
+    return "".join(parts)
+
+
+SCORER_COLUMNS = [("score", "score"), ("balanced_accuracy", "bal. acc."), ("f1", "F1"), ("auroc", "AUROC")]
+
+
+def _scorer_table(rows: list[dict[str, Any]]) -> str:
+    """Detection, fuzzing and embedding results: score is balanced accuracy (detection, fuzzing)
+    or AUROC (embedding); 0.5 is chance."""
+    parts = ['<div class="table-scroll"><table class="scores scorers"><thead><tr><th>scorer</th><th>model</th>']
+    parts.append("".join(f"<th class=num>{esc(label)}</th>" for _, label in SCORER_COLUMNS))
+    parts.append("<th class=num>judged</th><th class=num>failed groups</th><th class=num>tokens</th></tr></thead><tbody>")
+    for row in rows:
+        cells = "".join(
+            f'<td class="num{" headline" if key == "score" else ""}">{fmt_score(row.get(key))}</td>' for key, _ in SCORER_COLUMNS
+        )
+        reason = f' <span class="muted">({esc(row["null_reason"])})</span>' if row.get("null_reason") else ""
+        tokens = (row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0)
+        parts.append(
+            f"<tr><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code>{reason}</td>"
+            f"<td>{esc(row.get('scorer_model') or '—')}</td>{cells}"
+            f"<td class=num>{fmt_number(row.get('n_judged'))}</td><td class=num>{fmt_number(row.get('failed_groups'))}</td>"
+            f"<td class=num>{fmt_number(tokens)}</td></tr>"
+        )
+    parts.append("</tbody></table></div>")
+    return "".join(parts)
+
+
+def scorer_layer_panel(rows: list[dict[str, Any]]) -> str:
+    """Per (explainer, scorer) on one layer: neurons, mean score and the mean simulation score of
+    the same explanations, so the scorers can be read side by side."""
+    if not rows:
+        return ""
+    parts = [
+        '<section class="panel" id="scorers"><h2>Detection, fuzzing and embedding scores</h2>'
+        '<p class="hint">Mean over the layer\'s explanations: balanced accuracy (detection, fuzzing) or AUROC '
+        "(embedding), 0.5 being chance; next to the mean simulation score of the same explanations.</p>"
+        '<div class="table-scroll"><table class="scores scorers"><thead><tr><th>explainer</th><th>scorer</th>'
+        "<th class=num>neurons</th><th class=num>mean score</th><th class=num>null</th>"
+        "<th class=num>mean simulation score</th></tr></thead><tbody>"
+    ]
+    for row in rows:
+        parts.append(
+            f"<tr><td><code>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
+            f"<td class=num>{fmt_number(row['neurons'])}</td><td class=\"num headline\">{fmt_score(row['mean_score'])}</td>"
+            f"<td class=num>{fmt_number(row['null_scores'])}</td><td class=num>{fmt_score(row['mean_simulation_score'])}</td></tr>"
+        )
+    parts.append("</tbody></table></div></section>")
     return "".join(parts)
 
 
