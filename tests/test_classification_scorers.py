@@ -485,3 +485,22 @@ def test_a_bad_scorer_prompt_stops_the_run_before_anything_is_written(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lacks placeholder(s) {excerpts}" in err and "\n" not in err
     assert not (tmp_path / "lake").exists()
+
+
+def test_detection_through_the_batch_api(tmp_path):
+    """`batch: true` on a scorer entry: every group of every explanation goes out in one batch;
+    a malformed reply is asked again in the next one."""
+    from neuron_pipeline.config import ScorerSettings
+    from neuron_pipeline.llm import LLMCache, make_scorer
+
+    with FakeOpenAIServer(max_lifetime_s=60) as fake:
+        settings = ScorerSettings(
+            method="detection", backend="openai", model="fake-model", base_url=fake.base_url,
+            api_key_env="NO_SUCH_KEY_ENV", batch=True, batch_poll_s=0.02, group_size=3,
+        )
+        scorer = make_scorer(settings, LLMCache(tmp_path / "cache.sqlite"))
+        results = scorer.score_many([('the word "monday"', _days_sample()), ('the word "cake"', _days_sample())])
+    assert len(fake.posts("/batches")) == 1 and len(fake.posts("/chat/completions")) == 0
+    assert [r.calls for r in results] == [2, 2] and all(r.failed_groups == 0 for r in results)
+    assert results[0].metrics.balanced_accuracy == 1.0
+    assert results[1].predictions == [False, False, False, True, False]  # only "flour and cake" names cake

@@ -80,7 +80,7 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings | ScorerS
         check_reachable(settings.base_url, api_key=key, api_key_env=settings.api_key_env)
 
 
-def _chat_backend(settings: ExplainerSettings | SimulatorSettings, backend, cache: LLMCache | None):
+def _chat_backend(settings: ExplainerSettings | SimulatorSettings | ScorerSettings, backend, cache: LLMCache | None):
     """The backend for chat requests: through the Batch API when ``batch`` is set."""
     if not settings.batch:
         return backend
@@ -165,7 +165,7 @@ def make_scorer(settings: ScorerSettings, cache: LLMCache | None = None):
     from neuron_pipeline.interp.detection import DetectionScorer
     from neuron_pipeline.interp.fuzzing import FuzzingScorer
 
-    backend = make_backend(settings)
+    backend = _chat_backend(settings, make_backend(settings), cache)  # the Batch API with `batch: true`
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
     kind = DetectionScorer if settings.method == "detection" else FuzzingScorer
     return kind(
