@@ -15,9 +15,12 @@ from data_quality import (
     activation_records,
     corpus_tokens,
     evaluations,
+    explanation_embeddings,
     explanations,
     layer_summary,
     neuron_activations,
+    neuron_output_tokens,
+    scorer_results,
     scores,
     simulations,
 )
@@ -30,8 +33,11 @@ _MODULES = {
     "explanations": explanations,
     "simulations": simulations,
     "scores": scores,
+    "scorer_results": scorer_results,
     "layer_summary": layer_summary,
     "evaluations": evaluations,
+    "neuron_output_tokens": neuron_output_tokens,
+    "explanation_embeddings": explanation_embeddings,
 }
 
 # Table name -> suite builder: ``build_suite(params, layers=()) -> gx.ExpectationSuite``.

@@ -71,8 +71,10 @@ def test_api_bench_tiny():
 
     section = Section("api", "api")
     run_api(section, concurrency=4, latency_s=0.01, n_requests=16, reps=1)
-    assert set(section.data["rates"]) == set(CLIENTS) and all(section.data["rates"].values())
-    assert [row.target for row in section.rows] == [">= 90% of ideal", "reference"]
+    (run,) = section.data["runs"].values()
+    assert set(run["rates"]) == set(CLIENTS) and all(run["rates"].values())
+    assert all(per > 0 for per in run["cpu"]["project"])  # the client's CPU per request is measured
+    assert [row.target for row in section.rows] == [">= 90% of ideal", "< 0.5 cores (not the bottleneck on 2)", "reference"]
     assert all(label in section.tables[0] for label in CLIENTS.values())
 
 
@@ -89,3 +91,30 @@ def test_failing_section_is_reported():
     report = render([section], {"cpu": "c", "cores": "2", "ram": "1", "cuda": "False", "torch_threads": "1", "python": "3"},
                     None, __import__("datetime").datetime.now(), 1.0, "0", "0", quick=True)
     assert "This section failed" in report and "no model here" in report
+
+
+def test_output_tokens_and_search_bench_tiny(tmp_path):
+    """The output-tokens section's random GPT-2 config and its synthetic search lake, at toy sizes:
+    the search over the synthetic lake answers through `search()` and the CLI."""
+    from bench.common import Section
+    from bench.outputs_bench import _output_tokens_xl, _search
+
+    section = Section("outputs", "outputs")
+    _output_tokens_xl(section, layers=1, neurons=64, hidden=50, vocab=500)
+    _search(section, tmp_path, layers=2, neurons=16, reps=1, cli_reps=1)
+    metrics = [row.metric for row in section.rows]
+    assert any("random GPT-2 XL config" in m for m in metrics)
+    assert any("search over 32 explanations" in m for m in metrics)
+    assert section.data["search"]["explanations"] == 32 and len(section.data["search"]["cli_s"]) == 1
+
+
+def test_vllm_section_without_vllm_says_why(monkeypatch):
+    """Section 9 needs vLLM in its own venv; without it the section is a note, not an error."""
+    from bench.common import Section
+    from bench.vllm_bench import run_vllm
+
+    monkeypatch.delenv("NEURON_PIPELINE_VLLM_PYTHON", raising=False)
+    section = Section("vllm", "vllm")
+    run_vllm(section)
+    assert section.error is None and not section.rows
+    assert "NEURON_PIPELINE_VLLM_PYTHON" in section.notes[0]

@@ -2,19 +2,28 @@
 
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
 from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
-from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.metadata import (
+    VALUE_MASS_WARNING,
+    cost_metadata,
+    failure_metadata,
+    lake_metadata,
+    low_value_mass,
+    publish_layers,
+    value_mass_metadata,
+)
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
+from neuron_pipeline.interp.reporting import error_text, pair_is_meaningful, simulator_label
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -28,16 +37,19 @@ def simulate_layer(
 ) -> tuple[pl.DataFrame, int, list[tuple[int, str]]]:
     """Simulations of the scored top and random excerpts for one explainer id and simulator.
     Rows whose (explanation, excerpts) fingerprint is unchanged are kept, not recomputed."""
+    label = simulator_label(simulator)
     kept = {}
     for row in existing.iter_rows(named=True):
-        kept.setdefault((row["neuron"], row["input_hash"]), []).append(row)
+        if row["error"] is None:  # failed simulations are retried
+            kept.setdefault((row["neuron"], row["input_hash"]), []).append({**row, "simulator_label": label})
     rows, calls, failed = [], 0, []
-    for explanation in tqdm(
+    for explanation in track(
         explanations.sort("neuron").iter_rows(named=True),
         total=explanations.height,
-        desc=f"simulate {simulator.simulator_id}",
+        stage="simulations",
+        layer=explanations["layer"][0] if explanations.height else None,
         unit="neuron",
-        disable=None,
+        detail=simulator.simulator_id,
     ):
         neuron = explanation["neuron"]
         if explanation["error"] is not None or neuron not in records_by_neuron:
@@ -58,10 +70,12 @@ def simulate_layer(
             continue
         try:
             simulated = simulator.simulate(explanation["explanation"], [r.tokens for _, _, r in scored])
+            error = None
         except Exception as exc:  # noqa: BLE001 - one neuron's failed calls must not stop the layer
-            failed.append((neuron, f"{type(exc).__name__}: {str(exc)[:200]}"))
-            continue
-        calls += 1
+            error = error_text(exc)
+            failed.append((neuron, error))
+            simulated = [None] * len(scored)  # one row per excerpt, with the error (lake/schemas.py)
+        calls += error is None
         for (kind, rank, record), simulation in zip(scored, simulated):
             rows.append(
                 {
@@ -75,11 +89,14 @@ def simulate_layer(
                     "sequence_id": record.sequence_id,
                     "tokens": list(record.tokens),
                     "true_activations": list(record.activations),
-                    "expected_activations": list(simulation.expected_activations),
-                    "mode": simulation.mode,
+                    "expected_activations": None if error else list(simulation.expected_activations),
+                    "mode": None if error else simulation.mode,
                     "input_hash": input_hash,
-                    "prompt_tokens": simulation.prompt_tokens,
-                    "completion_tokens": simulation.completion_tokens,
+                    "prompt_tokens": 0 if error else simulation.prompt_tokens,
+                    "completion_tokens": 0 if error else simulation.completion_tokens,
+                    "value_mass": None if error else simulation.value_mass,
+                    "simulator_label": label,
+                    "error": error,
                 }
             )
     return table_frame("simulations", rows), calls, failed
@@ -115,6 +132,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         failures = 0
         for explainer_id in explainer_ids:
             for simulator_settings, simulator in llm.simulators():
+                if not pair_is_meaningful(explainer_id, simulator.simulator_id):
+                    continue  # e.g. a prose explanation through the token look-up (interp/reporting.py)
                 per_layer = []
                 simulator_layers = select_subset(simulator_settings.layers, layers)
                 for layer in simulator_layers:
@@ -138,7 +157,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         pl.concat(per_layer),
                         [str(layer) for layer in simulator_layers],
                     )
-        combined = pl.concat([frame for frame, _ in frames.values()])
+        # No frames: no (explainer, simulator) pair means anything (the gate then says the table is empty).
+        combined = pl.concat([frame for frame, _ in frames.values()]) if frames else table_frame("simulations", [])
         report = yield from gate("simulations", combined, QualityParams.from_settings(settings))
         for (explainer_id, simulator_id), (frame, simulator_layers) in frames.items():
             write_table(
@@ -148,6 +168,13 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 replace_where={"layer": simulator_layers, "explainer_id": explainer_id, "simulator_id": simulator_id},
             )
         total_rows = combined.height
+        low_mass = low_value_mass(combined)
+        if low_mass.height:
+            context.log.warning(
+                f"{low_mass.height} neuron(s) simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+                f"probability mass (lowest: layer {low_mass['layer'][0]} neuron {low_mass['neuron'][0]}, "
+                f"{low_mass['value_mass'][0]:.2f}): a top-k API dropped the digits; see value_mass in simulations"
+            )
         publish_layers(context, "simulations", combined)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
@@ -155,11 +182,13 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,
                 "failed_simulations": failures,
-                "neurons_simulated": combined.select("layer", "neuron").n_unique(),
+                **failure_metadata(None, combined),
+                "neurons_simulated": combined.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique(),
                 **llm.usage(),
                 "prompt_tokens": int(combined["prompt_tokens"].sum() or 0),
                 "completion_tokens": int(combined["completion_tokens"].sum() or 0),
                 **cost_metadata(llm.simulators(), combined, id_attr="simulator_id"),
+                **value_mass_metadata(combined),
                 **lake_metadata(lake, "simulations"),
             },
         )

@@ -20,6 +20,7 @@ from neuron_pipeline.interp.explainer import Explanation, LLMExplainer, best_of,
 from neuron_pipeline.interp.llm_protocol import ChatRequest, chat_all
 from neuron_pipeline.interp.prompts import discretize, format_records, load_template, max_activation_of
 from neuron_pipeline.interp.records import ActivationRecord, RecordSplits
+from neuron_pipeline.interp.reporting import UnusableCompletion, error_text
 from neuron_pipeline.interp.scoring import ScoredSequence, correlation, score_simulation
 from neuron_pipeline.interp.simulator import Simulator
 
@@ -68,6 +69,7 @@ class RefiningExplainer:
     def __post_init__(self) -> None:
         self.reviser = load_template(self.reviser_template, required=("explanation", "records"))
         self.model_name = self.base.model_name
+        self.uses_output_tokens = self.base.uses_output_tokens
         self.prompt_hash = self.base.prompt_hash + (f"+{self.reviser.hash}" if self.revise else "")
         self.explainer_id = make_explainer_id(
             "llm",
@@ -85,16 +87,16 @@ class RefiningExplainer:
         return self.base.explain(records)
 
     def explain_splits(self, splits_list: Sequence[RecordSplits]) -> list[Explanation]:
-        responses = chat_all(self.base.model, [self.base.request(s.explain, n=self.n) for s in splits_list])
+        responses = chat_all(self.base.model, [self.base.request(s.explain, n=self.n, outputs=s.output_tokens) for s in splits_list])
         results = []
         for splits, response in zip(splits_list, responses):
             if isinstance(response, Exception):
-                results.append(Explanation("", error=f"{type(response).__name__}: {str(response)[:300]}"))
+                results.append(Explanation("", error=error_text(response)))
                 continue
             prompt_tokens, completion_tokens = response.prompt_tokens, response.completion_tokens
             candidates = list(dict.fromkeys(c for c in (parse_explanation(t) for t in response.texts) if c))
             if not candidates:
-                results.append(Explanation("", prompt_tokens, completion_tokens, error="no usable candidate explanation"))
+                results.append(Explanation("", prompt_tokens, completion_tokens, error=str(UnusableCompletion(response.texts[0] if response.texts else ""))))
                 continue
             validation = validation_records(splits)
             chosen = candidates[0]
