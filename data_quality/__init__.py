@@ -19,6 +19,7 @@ from data_quality import (
     layer_summary,
     neuron_activations,
     neuron_output_tokens,
+    scorer_results,
     scores,
     simulations,
 )
@@ -31,6 +32,7 @@ _MODULES = {
     "explanations": explanations,
     "simulations": simulations,
     "scores": scores,
+    "scorer_results": scorer_results,
     "layer_summary": layer_summary,
     "neuron_output_tokens": neuron_output_tokens,
     "explanation_embeddings": explanation_embeddings,

@@ -18,6 +18,7 @@ from neuron_pipeline.assets import (
     embeddings,
     explanations,
     output_tokens,
+    scorers,
     scores,
     simulations,
     summary,
@@ -82,6 +83,7 @@ def build_definitions(
         embeddings.build(partitions),
         simulations.build(partitions, op_tags=gpu_tags),
         scores.build(partitions),
+        scorers.build(partitions, op_tags=gpu_tags),
         summary.build(partitions),
     ]
     assets = [corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer]

@@ -67,9 +67,18 @@ FAULTS = {
     "no_choices": "200 with 'choices': []",
     "empty_content": "200 with an empty completion text",
     "no_logprobs": "200 without logprobs although they were asked for",
+    "garbled": "200 with a yes/no judgement that skips an excerpt (malformed for detection / fuzzing)",
 }
 
 LOGPROBS_MODES = ("full", "openai", "none", "generated_only", "shifted")
+
+EXPLAINER_STYLES = {
+    "continue": 'continues the prompt\'s sentence: \' the word "X" and words like it.\'',
+    "sentence": 'ignores the prefill, answers a full sentence: \'This neuron responds to the word "X" and words like it.\'',
+    "echo": 'repeats the prefix first: \'The main thing neuron C does is find the word "X" and words like it.\'',
+    "garbage": "continues the excerpt listing instead of explaining: '<start>\\nX\\t10\\n<end>'",
+    "simulator_garbage": "explains like 'continue', but answers simulator prompts with prose (no token<TAB>value line)",
+}
 
 _TOKEN_SPLIT_DIGITS = re.compile(r"\n|\t| ?[A-Za-z]+|\d| ?[^\sA-Za-z\d]+|\s")
 _TOKEN_WHOLE_NUMBERS = re.compile(r"\n|\t| ?[A-Za-z]+|\d+| ?[^\sA-Za-z\d]+|\s")
@@ -154,6 +163,9 @@ class FakeOpenAIServer:
     fault_rates: dict[str, float] = field(default_factory=dict)
     require_api_key: str | None = None
     reject_max_tokens: bool = False  # like OpenAI's reasoning models: only max_completion_tokens
+    # How explanations are worded (:data:`EXPLAINER_STYLES`): real chat servers answer a new turn
+    # after a trailing assistant message instead of continuing it.
+    explainer_style: str = "continue"
     max_logprobs: int = 20  # like vLLM's --max-logprobs: more is refused with a 400 naming the cap
     batch_polls: int = 2  # GET /v1/batches/{id} answers "in_progress" this many times, then the batch ends
     batch_outcome: str = "completed"  # completed | expired | partial | failed
@@ -161,6 +173,8 @@ class FakeOpenAIServer:
     def __post_init__(self) -> None:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}")
+        if self.explainer_style not in EXPLAINER_STYLES:
+            raise ValueError(f"explainer_style must be one of {sorted(EXPLAINER_STYLES)}")
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -334,9 +348,11 @@ class FakeOpenAIServer:
         if top_k > self.max_logprobs:
             return 400, _error(f"top_logprobs must be at most {self.max_logprobs}", "top_logprobs")
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
-        content = chat_content(messages)
+        content = chat_content(messages, self.explainer_style)
         if fault == "empty_content":
             content = ""
+        if fault == "garbled":
+            content = "1: yes\nI am not sure about the others."
         n = int(body.get("n") or 1)
         tokens = tokenize(content, split_digits=False)
         choices = []
@@ -441,6 +457,8 @@ def _chat_logprobs(tokens: list[str], k: int) -> list[dict]:
     for token in tokens:
         if after_tab and token.isdigit() and int(token) <= 10:
             alternatives = chat_value_logprobs(int(token))
+        elif token.strip() in ("yes", "no"):
+            alternatives = judgement_logprobs(token)
         else:
             alternatives = {token: math.log(0.9), "?": math.log(0.05)}
         after_tab = token.endswith("\t")
@@ -456,12 +474,54 @@ def _chat_logprobs(tokens: list[str], k: int) -> list[dict]:
     return entries
 
 
-def chat_content(messages: list[dict]) -> str:
-    """What the fake assistant answers: simulator prompts get "token<TAB>value" lines, anything
-    else an explanation naming the highest-valued token of the last excerpt listing."""
+JUDGED_LINE = re.compile(r"^(\d+): (.*)$")
+_MARKED = re.compile(r"<<(.*?)>>")
+
+
+def judgement_logprobs(token: str) -> dict[str, float]:
+    """Top logprobs at a generated yes/no: 80% the answer given, 20% the other one."""
+    other = token.replace("yes", "no") if "yes" in token else token.replace("no", "yes")
+    return {token: math.log(0.8), other: math.log(0.2)}
+
+
+def explanation_keys(explanation: str) -> set[str]:
+    """What the fake judge looks for: the quoted tokens of an explanation, else its longer words."""
+    quoted = re.findall(r'"([^"]+)"', explanation)
+    words = quoted or re.findall(r"[A-Za-z]{4,}", explanation)
+    return {w.strip().lower() for w in words if w.strip()}
+
+
+def judgement(prompt: str) -> str:
+    """The fake detection / fuzzing judge: "N: yes" when an excerpt (for fuzzing: a marked span)
+    holds a word the explanation names, else "N: no"."""
+    explanation = re.findall(r"Explanation: the neuron fires on (.*)", prompt)[-1]
+    keys = explanation_keys(explanation)
+    listing = prompt.rsplit("Excerpts:\n", 1)[1]
+    lines = []
+    for line in listing.splitlines():
+        match = JUDGED_LINE.match(line)
+        if not match:
+            continue
+        marked = _MARKED.findall(match.group(2))
+        text = " ".join(marked) if marked else match.group(2)
+        words = {w.lower() for w in re.findall(r"[A-Za-z0-9']+", text)}
+        lines.append(f"{match.group(1)}: {'yes' if words & keys else 'no'}")
+    return "\n".join(lines)
+
+
+def chat_content(messages: list[dict], explainer_style: str = "continue") -> str:
+    """What the fake assistant answers: simulator prompts get "token<TAB>value" lines, detection
+    and fuzzing prompts (also when re-asked) a yes/no line per excerpt, anything else an explanation
+    naming the highest-valued token of the last excerpt listing, worded as ``explainer_style`` says
+    (:data:`EXPLAINER_STYLES`)."""
     users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+    judged = [u for u in users if "Explanation: the neuron fires on" in u and "\nExcerpts:\n" in u]
+    if judged:
+        return judgement(judged[-1])
     last = users[-1] if users else ""
     if "Rewrite the" in last and "<start>\n" in last:
+        if explainer_style == "simulator_garbage":
+            return "I think this neuron is about words."
         listing = last.rsplit("<start>\n", 1)[1].split("\n<end>", 1)[0]
         explanations = re.findall(r"Explanation: (.*)", last)
         explanation = explanations[-1] if explanations else ""
@@ -477,7 +537,14 @@ def chat_content(messages: list[dict]) -> str:
     promotes = f', and it makes the model say "{promoted[-1].strip()}"' if promoted else ""
     if best is None:
         return f" things mentioned in the prompt{promotes}."
-    return f' the word "{best.strip()}" and words like it{promotes}.'
+    phrase = f'the word "{best.strip()}" and words like it{promotes}.'
+    if explainer_style == "sentence":
+        return f"This neuron responds to {phrase}"
+    if explainer_style == "echo":
+        return f"The main thing neuron C does is find {phrase}"
+    if explainer_style == "garbage":
+        return f"<start>\n{best.strip()}\t{best_value}\n<end>"
+    return f" {phrase}"
 
 
 def _multipart(content_type: str, data: bytes) -> dict[str, Any]:

@@ -21,6 +21,7 @@ LAYER_ASSETS = [
     "explanation_embeddings",
     "simulations",
     "scores",
+    "scorer_results",
     "layer_summary",
 ]
 
@@ -119,6 +120,10 @@ def test_materialize_one_layer_fills_every_table(tmp_path):
     valid = scores.filter(pl.col("score").is_not_null())
     assert valid["score"].is_between(-1, 1).all()
     assert scores.filter(pl.col("score").is_null())["null_reason"].null_count() == 0
+
+    # No LLM configured: the embedding scorer alone, on every explanation.
+    scorer_rows = pl.read_delta(str(table_path(lake, "scorer_results")))
+    assert scorer_rows["method"].to_list() == ["embedding"] * 8 and scorer_rows["calls"].max() == 0
 
     summary = pl.read_delta(str(table_path(lake, "layer_summary")))
     assert summary.height == 1

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dagster as dg
 
 CAPTURE_ASSETS = ["neuron_activations", "activation_records", "neuron_output_tokens"]
-EXPLAIN_ASSETS = ["explanations", "explanation_embeddings", "simulations", "scores", "layer_summary"]
-RESCORE_ASSETS = ["simulations", "scores", "layer_summary"]
+EXPLAIN_ASSETS = ["explanations", "explanation_embeddings", "simulations", "scores", "scorer_results", "layer_summary"]
+RESCORE_ASSETS = ["simulations", "scores", "scorer_results", "layer_summary"]
 
 CAPTURE_JOB = "capture_layers"
 EXPLAIN_JOB = "explain_layers"

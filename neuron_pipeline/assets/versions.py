@@ -48,6 +48,8 @@ _RUNTIME_FIELDS = {
     "batch_poll_s",
 }
 SIMULATOR_TEMPLATE_PREFIX = "simulator"
+# Templates of the detection / fuzzing scorers: neither explainer- nor simulator-side.
+SCORER_TEMPLATE_PREFIXES = ("detection", "fuzzing")
 
 # Stages in pipeline order, by asset key; each recipe includes the one before it.
 STAGES = [
@@ -58,6 +60,7 @@ STAGES = [
     ("explanation_embeddings", ["explanation_embeddings"]),
     ("simulations", ["simulations"]),
     ("scores", ["scores"]),
+    ("scorer_results", ["scorer_results"]),
     ("layer_summary", ["layer_summary"]),
     ("neuron_viewer", ["neuron_viewer"]),
 ]
@@ -73,12 +76,16 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def template_hashes(folder: Path | None, simulator: bool) -> dict[str, str]:
-    """Content hashes of the explainer-side (or simulator-side) prompt templates."""
+def template_hashes(folder: Path | None, simulator: bool, scorer: bool = False) -> dict[str, str]:
+    """Content hashes of the explainer-side (or simulator-side, or scorer) prompt templates."""
     folder = Path(folder) if folder is not None else prompts_dir()
     out = {}
     for path in sorted(folder.glob("*.txt")):
-        if path.stem.startswith(SIMULATOR_TEMPLATE_PREFIX) == simulator:
+        if path.stem.startswith(SCORER_TEMPLATE_PREFIXES):
+            if scorer:
+                out[path.stem] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            continue
+        if not scorer and path.stem.startswith(SIMULATOR_TEMPLATE_PREFIX) == simulator:
             out[path.stem] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return out
 
@@ -125,6 +132,12 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             "templates": template_hashes(templates, simulator=True) if llm_simulators else {},
         },
         "scores": {},
+        "scorer_results": {
+            "scorers": _llm_entries(settings.scorer_entries),
+            "templates": template_hashes(templates, simulator=False, scorer=True)
+            if any(e.method != "embedding" for e in settings.scorer_entries)
+            else {},
+        },
         "layer_summary": {},
         "neuron_viewer": {},
     }

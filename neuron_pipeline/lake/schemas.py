@@ -70,6 +70,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             # Fingerprint of the excerpts the explainer saw: unchanged inputs are never re-paid.
             ("records_hash", pa.string()),
             ("created_at", pa.timestamp("us", tz="UTC")),
+            # What a person reads next to the id: model, prompt version, variant (interp/labels.py).
+            ("explainer_label", pa.string()),
         ]
     ),
     "simulations": pa.schema(
@@ -93,6 +95,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             # excerpt's slots: 1.0 locally, lower when a top-k API dropped values (a lower bound
             # there); null without logprobs (baseline, chat integers).
             ("value_mass", pa.float64()),
+            ("simulator_label", pa.string()),  # model, prompt version, mode, calibration
+            # Null when the simulation succeeded. When the simulator failed (or answered nothing
+            # usable) on a neuron, each of its scored excerpts gets a row with the error and null
+            # expected_activations: failures are rows anyone can query, and are retried next run.
+            ("error", pa.string()),
         ]
     ),
     "scores": pa.schema(
@@ -108,7 +115,45 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rsquared", pa.float64()),
             ("absolute_dev_explained", pa.float64()),
             ("n_tokens", pa.int64()),
+            ("null_reason", pa.string()),  # why score is null, when it is (e.g. "simulation failed: ...")
+            ("explainer_label", pa.string()),
+            ("simulator_label", pa.string()),
+        ]
+    ),
+    # Detection, fuzzing and embedding scores of each explanation (interp/classification.py): one
+    # row per (neuron, explainer id, scorer id), beside `scores` on (layer, neuron, explainer_id).
+    "scorer_results": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("explainer_id", pa.string()),
+            ("scorer_id", pa.string()),
+            ("method", pa.string()),  # detection | fuzzing | embedding
+            ("scorer_model", pa.string()),
+            # The headline: balanced accuracy (detection, fuzzing) or AUROC (embedding).
+            ("score", pa.float64()),
+            ("balanced_accuracy", pa.float64()),
+            ("f1", pa.float64()),
+            ("precision", pa.float64()),
+            ("recall", pa.float64()),
+            ("auroc", pa.float64()),  # from p(yes) (detection, fuzzing with logprobs) or similarity
+            ("n_judged", pa.int64()),  # excerpts that got an answer
+            ("n_activating", pa.int64()),  # of those, activating ones (correctly marked, for fuzzing)
+            ("n_non_activating", pa.int64()),
+            ("failed_groups", pa.int64()),  # groups whose replies stayed malformed or failed
+            ("prompt_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+            ("calls", pa.int64()),  # chat requests, retries included
             ("null_reason", pa.string()),  # why score is null, when it is
+            # Fingerprint of (scorer id, explanation, judged excerpts): unchanged inputs are not re-scored.
+            ("input_hash", pa.string()),
+            # Excerpt by excerpt: the corpus sequence, its label, the answer (null: not judged) and
+            # p(yes) or the embedding similarity.
+            ("sequence_ids", pa.list_(pa.int64())),
+            ("labels", pa.list_(pa.bool_())),
+            ("predictions", pa.list_(pa.bool_())),
+            ("probabilities", _floats),
         ]
     ),
     "layer_summary": pa.schema(
@@ -135,6 +180,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("explainer_completion_tokens", pa.int64()),
             ("simulator_prompt_tokens", pa.int64()),
             ("simulator_completion_tokens", pa.int64()),
+            ("explainer_label", pa.string()),
+            ("simulator_label", pa.string()),
         ]
     ),
     # What each neuron writes to the output, from the weights alone (subject/output_tokens.py):
@@ -177,6 +224,7 @@ KEYS: dict[str, list[str]] = {
     "explanations": ["layer", "neuron", "explainer_id"],
     "simulations": ["layer", "neuron", "explainer_id", "simulator_id", "kind", "rank"],
     "scores": ["layer", "neuron", "explainer_id", "simulator_id"],
+    "scorer_results": ["layer", "neuron", "explainer_id", "scorer_id"],
     "layer_summary": ["layer", "explainer_id", "simulator_id"],
     "neuron_output_tokens": ["layer", "neuron"],
     "explanation_embeddings": ["layer", "neuron", "explainer_id"],
