@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from neuron_pipeline.assets.partitions import layer_partitions
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.assets.versions import code_versions, own_recipes, STAGES
 from neuron_pipeline.config import Settings, load_settings
+from neuron_pipeline.interp.prompts import content_hash
+from neuron_pipeline.interp.puzzles import PUZZLE_SET_VERSION
 from neuron_pipeline.lake import SCHEMAS, table_path
 from neuron_pipeline.subject import describe_subject
 
@@ -46,7 +49,7 @@ def _with_platform_attributes(
 ) -> dg.AssetsDefinition:
     """Code versions that carry the settings' recipe hash, automation conditions, and what the UI
     shows about the table behind each asset (path, columns, recipe)."""
-    stage_of = {key: stage for stage, keys in STAGES for key in keys}
+    stage_of = {key: stage for stage, keys in STAGES for key in keys} | {"evaluations": "evaluations"}
 
     def update(spec: dg.AssetSpec) -> dg.AssetSpec:
         name = spec.key.to_user_string()
@@ -91,6 +94,17 @@ def build_definitions(
     base = {key: a.code_versions_by_key.get(key) for a in assets for key in a.keys}
     versions = code_versions(settings, base, prompts_dir)
     recipes = own_recipes(settings, prompts_dir)
+    # The evaluation suite is outside the layer stages: its recipe is the explainers, simulators,
+    # their prompts and the puzzle set.
+    evaluation_recipe = {
+        "explainers": recipes["explanations"]["explainers"],
+        "simulators": recipes["simulations"]["simulators"],
+        "templates": {**recipes["explanations"]["templates"], **recipes["simulations"]["templates"]},
+        "puzzle_set": PUZZLE_SET_VERSION,
+    }
+    recipes["evaluations"] = evaluation_recipe
+    evaluations_key = dg.AssetKey("evaluations")
+    versions[evaluations_key] = f"{base[evaluations_key]}+{content_hash(json.dumps(evaluation_recipe, sort_keys=True))}"
     assets = [_with_platform_attributes(a, settings, versions, recipes) for a in assets]
 
     job_defs = build_jobs(partitions)
