@@ -22,7 +22,7 @@ activations (see BENCHMARKS.md: capture costs a few percent of the forward pass)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -493,7 +493,25 @@ def capture_layers(
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, LayerCapture]:
-    """One forward pass over ``token_ids`` [S, T] feeding every requested layer's accumulator."""
+    """One forward pass over ``token_ids`` [S, T] feeding every requested layer's accumulator;
+    every layer's result at once (``iter_captures`` hands them over one by one)."""
+    return dict(iter_captures(subject, token_ids, layers, neurons, records, batch_size, progress))
+
+
+def iter_captures(
+    subject,
+    token_ids: np.ndarray,
+    layers: Iterable[int],
+    neurons: list[int],
+    records: RecordsSettings,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+    passes: list[list[int]] | None = None,
+) -> Iterator[tuple[int, LayerCapture]]:
+    """``(layer, LayerCapture)`` for every requested layer, in layer order. Each forward pass
+    feeds the accumulators of its layers (``passes``: groups of layers, default one pass for
+    all); after a pass each layer is finalized and handed over one at a time, its accumulator
+    freed first, so the caller can write it and let it go before the next one is built."""
     layers = sorted({int(layer) for layer in layers})
     neurons = [int(n) for n in neurons]  # also accepts numpy arrays and tuples
     if len(token_ids) == 0:
@@ -502,6 +520,23 @@ def capture_layers(
         raise ValueError(f"layers {layers} must be a non-empty selection of 0-{subject.num_layers - 1}")
     if not neurons or min(neurons) < 0 or max(neurons) >= subject.num_neurons:
         raise ValueError(f"neurons must be a non-empty selection of 0-{subject.num_neurons - 1}")
+    groups = [sorted(group) for group in passes] if passes else [layers]
+    if sorted(layer for group in groups for layer in group) != layers:
+        raise ValueError(f"capture passes {groups} do not cover layers {layers} exactly once")
+    for group in groups:
+        accumulators = _forward_pass(subject, token_ids, group, neurons, records, batch_size, progress)
+        for layer in group:
+            capture = accumulators.pop(layer).finalize()
+            yield layer, capture
+            del capture
+
+
+def _forward_pass(
+    subject, token_ids: np.ndarray, layers: list[int], neurons: list[int], records: RecordsSettings, batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> dict[int, LayerAccumulator]:
+    """One forward pass over the corpus, stopped after the deepest of ``layers``; returns each
+    layer's filled accumulator."""
     device = subject.device
     neuron_index = torch.tensor(neurons, dtype=torch.long, device=device)
     take_all = len(neurons) == subject.num_neurons and neurons == list(range(subject.num_neurons))
@@ -547,4 +582,4 @@ def capture_layers(
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: acc.finalize() for layer, acc in accumulators.items()}
+    return accumulators
