@@ -22,6 +22,7 @@ from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectMo
 from neuron_pipeline.config import parse_index_spec
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 from neuron_pipeline.subject import LayerCapture, iter_captures
+from neuron_pipeline.subject.capture import plan_capture
 
 
 def stats_frame(capture: LayerCapture, model_id: str, corpus_hash: str) -> pl.DataFrame:
@@ -139,6 +140,11 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         context.log.info(
             f"capturing layers {layers} x {len(neurons)} neurons over {token_ids.size} tokens on {subject.device}"
         )
+        plan = plan_capture(
+            layers, len(neurons), token_ids.shape[1], len(token_ids), settings.records,
+            settings.capture.activation_dtype, settings.capture.max_memory_gb,
+        )
+        context.log.info(plan.describe())
         sequence_tokens = corpus.select("sequence_id", "tokens")
         del corpus
         params = QualityParams.from_settings(
@@ -146,9 +152,10 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         )
         stats_reports, records_reports = [], []
         n_stats = n_records = 0
-        with tqdm(total=len(token_ids), desc=f"capture layers {layers}", unit="seq", disable=None) as bar:
+        with tqdm(total=len(token_ids) * len(plan.passes), desc=f"capture layers {layers}", unit="seq", disable=None) as bar:
             captures = iter_captures(
-                subject, token_ids, layers, neurons, settings.records, settings.subject.batch_size, progress=bar.update
+                subject, token_ids, layers, neurons, settings.records, settings.subject.batch_size, progress=bar.update,
+                passes=plan.passes, activation_dtype=settings.capture.activation_dtype,
             )
             # Each layer as soon as the pass is done: its two tables built, validated (both before
             # either is written: bad rows never land), written, and freed before the next layer.
@@ -173,6 +180,9 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
             "neurons_per_layer": len(neurons),
             "tokens": int(token_ids.size),
             "corpus_hash": corpus_hash,
+            "forward_passes": len(plan.passes),
+            "capture_mib_per_layer": round(plan.bytes_per_layer / 2**20, 2),
+            "capture_plan": plan.describe(),
         }
         # The same tokens and recipe give the same data: downstream is not made stale by a re-run.
         data_version = capture_data_version(settings, corpus_hash)

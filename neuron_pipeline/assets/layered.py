@@ -87,34 +87,46 @@ def run_by_layer(
     """For each layer: ``plan(layer) -> (state, tasks)`` (tasks may be a lazy iterable), every
     task through ``work`` in a sliding window of ``workers`` across layers, each result handed to
     ``collect(state, task, result)`` (an exception is a result), and ``flush(layer, state)`` once
-    the layer's last task is collected — before the layer after next is planned, so at most two
-    layers' states are alive at once (one, when ``workers <= 1``).
+    the layer's last task is collected. Layers overlap only within the window: memory holds the
+    states of the layers that have tasks in flight (one layer, when ``workers <= 1``).
 
-    ``plan``, ``collect`` and ``flush`` run on the calling thread; ``work`` on worker threads
-    when ``workers > 1``."""
-    open_layers: dict[int, list] = {}  # layer -> [state, tasks outstanding, all tasks planned]
+    ``collect`` and ``flush`` run on the calling thread; ``work`` on worker threads and ``plan``
+    on a prefetch thread (ahead of the window) when ``workers > 1``."""
+    # layer -> [state, tasks done, tasks planned (None until the layer is fully planned)]
+    open_layers: dict[int, list] = {}
 
     def finish(layer: int) -> None:
         state = open_layers.pop(layer)[0]
         flush(layer, state)
 
     def tasks() -> Iterator[tuple[int, Any]]:
+        # With workers > 1 this runs on a prefetch thread, ahead of the window: it only plans.
         for layer in layers:
             state, items = plan(layer)
-            entry = open_layers[layer] = [state, 0, False]
+            open_layers[layer] = [state, 0, None]
             del state
+            planned = 0
             for item in items:
-                entry[1] += 1
+                planned += 1
                 yield layer, item
-            entry[2] = True
-            if entry[1] == 0:
-                finish(layer)
+            yield layer, _Planned(planned)
 
-    for (layer, item), result in map_windowed(lambda task: work(task[1]), tasks(), workers):
+    def run(task: tuple[int, Any]) -> Any:
+        return None if isinstance(task[1], _Planned) else work(task[1])
+
+    for (layer, item), result in map_windowed(run, tasks(), workers, prefetch=workers > 1):
         entry = open_layers[layer]
-        collect(entry[0], item, result)
-        entry[1] -= 1
-        if entry[2] and entry[1] == 0:
+        if isinstance(item, _Planned):
+            entry[2] = item.count
+        else:
+            collect(entry[0], item, result)
+            entry[1] += 1
+        if entry[1] == entry[2]:
             finish(layer)
-    for layer in list(open_layers):  # layers whose tasks all finished before planning ended
-        finish(layer)
+
+
+class _Planned:
+    """Marks the end of a layer's tasks (how many there were)."""
+
+    def __init__(self, count: int):
+        self.count = count
