@@ -58,6 +58,7 @@ FULL = {
     "sim_reference": 6,
     "sim_batch_sizes": [1, 4, 8],
     "api_requests": 640,
+    "api_requests_256": 1280,
     "api_reps": 3,
     "prompt_sequences": 200,
     "lake": {"layers": 48, "neurons": 6400, "record_layers": 4, "reps": 5},
@@ -83,6 +84,7 @@ QUICK = {
     "sim_reference": 1,
     "sim_batch_sizes": [1, 2],
     "api_requests": 128,
+    "api_requests_256": 256,
     "api_reps": 1,
     "prompt_sequences": 32,
     "lake": {"layers": 3, "neurons": 64, "record_layers": 2, "reps": 2},
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_api(section, concurrency=64, latency_s=0.2, n_requests=sizes["api_requests"], reps=sizes["api_reps"])
+            # The issue-12 scale: 256 in flight at a 1 s latency (5 waves per repetition).
+            run_api(section, concurrency=256, latency_s=1.0, n_requests=sizes["api_requests_256"], reps=sizes["api_reps"])
         finally:
             prompt_tokens(section, sequences=sizes["prompt_sequences"])
 

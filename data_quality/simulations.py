@@ -55,6 +55,7 @@ def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
     add_between(suite, "non-finite items in expected_activations", 0, 0, "expected_activations are finite")
     add_between(suite, "non-finite items in true_activations", 0, 0, "true_activations are finite")
     add_between(suite, "len(mode)", 1, None, "mode is non-empty")
+    add_between(suite, "value_mass", 0, 1, "value_mass in [0, 1] (null without logprobs)")
     return suite
 
 

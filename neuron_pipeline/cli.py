@@ -15,6 +15,7 @@ from typing import Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for a command ended by SIGINT
 
 
 class UserError(Exception):
@@ -23,6 +24,11 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """A run stopped by a failed step (e.g. a quality gate); printed as one line, exit status 1."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped on request (SIGINT, SIGTERM, or terminated from the Dagster UI); printed as
+    one line, exit status 130."""
 
 
 def _settings(args: argparse.Namespace):
@@ -73,7 +79,81 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from neuron_pipeline.assets import interrupts, progress
+
+    interrupts.clear()
+    # Without a terminal the bars switch themselves off: progress lines take their place (with
+    # --verbose they show among Dagster's logs anyway).
+    progress.echo(not args.verbose and not sys.stderr.isatty())
+    stopper = _RunStopper()
+    with interrupts.StopOnSignal(stopper.first, stopper.second):
+        return _run(args, stopper)
+
+
+RESUME_HINT = "run the same command again to resume; nothing written or paid for is lost"
+
+
+class _RunStopper:
+    """What the CLI says and does when asked to stop: the first signal is acknowledged on stdout
+    (the runs stop at the next safe point); a second one ends this process's runs as canceled,
+    frees their pool slots and exits at once, as SIGKILL would, losing no commit or stored answer."""
+
+    def __init__(self):
+        self.instance = None
+        self.phase = "before the first run"
+
+    def first(self, signum: int) -> None:
+        print(
+            f"neuron-pipeline: {_signal_name(signum)} received: stopping at the next safe point "
+            "(send it again to stop at once)",
+            flush=True,
+        )
+
+    def second(self, signum: int) -> None:
+        from neuron_pipeline.assets.run_owner import end_own_runs
+
+        try:
+            if self.instance is not None:
+                end_own_runs(self.instance, f"stopped at once by a second {_signal_name(signum)}")
+        finally:
+            print(f"neuron-pipeline: stopped at once {self.where()}; {RESUME_HINT}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)
+
+    def where(self) -> str:
+        from neuron_pipeline.assets import progress
+
+        position = progress.last_position()
+        if position is not None and self.phase.startswith("during layers"):
+            return f"during {position.describe()}"
+        return self.phase
+
+    def interrupted(self) -> "RunInterrupted":
+        """After a run ended canceled (or between runs): slots freed, and the line to print."""
+        from neuron_pipeline.assets.run_owner import end_own_runs
+
+        if self.instance is not None:
+            end_own_runs(self.instance, "stopped on request")
+        if self.phase.startswith("during"):
+            return RunInterrupted(f"stopped {self.where()}, its Dagster run canceled; {RESUME_HINT}")
+        if self.phase.startswith("after"):
+            return RunInterrupted(f"stopped {self.phase} (finished), before the next run; {RESUME_HINT}")
+        return RunInterrupted("stopped before the first run started; nothing was written")
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
     import dagster as dg
+
+    from neuron_pipeline.assets import interrupts, progress
 
     from neuron_pipeline.assets.run_owner import owner_tags
     from neuron_pipeline.config import parse_index_spec
@@ -100,35 +180,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     layer_keys = [key for key in defs.resolve_asset_graph().get_all_asset_keys() if key not in (corpus_key, viewer_key)]
     # Failures are reported by main() as one line; Dagster's own step logs only with --verbose.
     log_level = "INFO" if args.verbose else "CRITICAL"
+    stopper.instance = _instance()
     common = dict(
         resources=defs.resources or {},
-        instance=_instance(),
+        instance=stopper.instance,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
+
+    def materialize(phase: str, **kwargs):
+        """One Dagster run, executed in a worker thread while this thread handles the signals."""
+        if interrupts.stop_requested():  # asked between runs: the next one does not start
+            raise stopper.interrupted()
+        stopper.phase = f"during {phase}"
+        progress.forget()
+        result = interrupts.run_in_worker(dg.materialize, assets, **kwargs, **common)
+        stopper.phase = f"after {phase}"
+        return result
+
     faults: dict[str, dict[str, int]] = {}
     try:
-        dg.materialize(assets, selection=[corpus_key], tags=owner_tags(), **common)
+        materialize("corpus_tokens", selection=[corpus_key], tags=owner_tags())
         _announce_capture(settings, layers, info.num_neurons)
         # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
         # forward pass over the corpus that stops at the range's deepest layer.
         for start, end in _contiguous_ranges(layers):
-            result = dg.materialize(
-                assets,
+            result = materialize(
+                f"layers {start}-{end}" if start != end else f"layers {start}",
                 selection=layer_keys,
                 tags={
                     **owner_tags(),
                     "dagster/asset_partition_range_start": str(start),
                     "dagster/asset_partition_range_end": str(end),
                 },
-                **common,
             )
             _add_faults(faults, result)
-        dg.materialize(assets, selection=[viewer_key], tags=owner_tags(), **common)  # once, after every range
+        materialize("the viewer", selection=[viewer_key], tags=owner_tags())  # once, after every range
+    except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
+        raise stopper.interrupted() from None
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
     except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate
         raise RunFailed(f"{(exc.description or 'a step failed').splitlines()[0]}{_failed_calls(settings, layers)}") from None
     _print_summary(settings, layers)
+    _print_value_mass_warning(settings, layers)
     if any(faults.values()):
         print("API faults met (retried, or recorded with the neuron): " + "; ".join(
             f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
@@ -154,6 +248,26 @@ def _announce_capture(settings, layers: list[int], num_neurons: int) -> None:
             settings.capture.activation_dtype, settings.capture.max_memory_gb,
         )
         print(f"neuron-pipeline: {plan.describe()}", flush=True)
+
+
+def _print_value_mass_warning(settings, layers: list[int]) -> None:
+    """A line when some neurons' simulations saw under 90% of the value tokens' mass (a top-k API)."""
+    from neuron_pipeline.assets.metadata import VALUE_MASS_WARNING, low_value_mass
+    from neuron_pipeline.lake import read_table
+
+    try:
+        simulations = read_table(settings.lake_location, "simulations", where={"layer": [str(layer) for layer in layers]})
+    except Exception:  # noqa: BLE001 - only a warning
+        return
+    low = low_value_mass(simulations)
+    if low.height:
+        worst = low.row(0, named=True)
+        print(
+            f"warning: {low.height} neuron(s) were simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+            f"probability mass (worst: layer {worst['layer']} neuron {worst['neuron']}, {worst['value_mass']:.2f}, "
+            f"{worst['simulator_id']}): the API's top-k logprobs dropped the digits, so their scores are unreliable; "
+            "query value_mass in simulations"
+        )
 
 
 def _add_faults(total: dict[str, dict[str, int]], result) -> None:
@@ -361,6 +475,24 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the configured run would cost, before anything is paid (neuron_pipeline/plan.py)."""
+    import json
+
+    from neuron_pipeline.config import ConfigError
+    from neuron_pipeline.plan import make_plan, render
+
+    if args.latency is not None and args.latency <= 0:
+        raise ConfigError(f"--latency must be positive seconds per call, got {args.latency}")
+    settings = _settings(args)
+    plan = make_plan(settings, latency_s=args.latency or 1.0)
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.as_dict(), indent=2))
+        print(f"plan written to {args.json}")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (see README)")
     parser.add_argument("--profile", help="named profile: demo (default) or paper")
@@ -377,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--neurons", help="'all', '0-31', ...")
     run.add_argument("--verbose", action="store_true", help="show Dagster's step logs")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="before anything is paid: neurons, LLM calls, tokens, dollars and wall time")
+    _common(plan)
+    plan.add_argument("--layers", help="'all', '3', '0,3' or '0-5'")
+    plan.add_argument("--neurons", help="'all', '0-31', ...")
+    plan.add_argument("--latency", type=float, help="seconds per API call for the wall-time estimate (default 1)")
+    plan.add_argument("--json", help="also write the plan as JSON to this file")
+    plan.set_defaults(func=cmd_plan)
 
     show = sub.add_parser("show", help="print one neuron: explanation, scores, top excerpts")
     _common(show)
@@ -437,6 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunInterrupted as exc:
+        print(f"neuron-pipeline: {exc}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before any run started (e.g. while a model loads for `show`)
+        print("neuron-pipeline: interrupted; nothing was written", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except _run_failures() as exc:
         print(f"neuron-pipeline: run failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_RUN_FAILED

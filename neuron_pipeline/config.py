@@ -133,6 +133,16 @@ class _LLMSettings(_Section):
     budget_usd: float | None = Field(None, gt=0)
     usd_per_million_prompt: float = Field(0.0, ge=0)
     usd_per_million_completion: float = Field(0.0, ge=0)
+    # OpenAI-compatible backend: logprob alternatives asked for per position (vLLM: its
+    # --max-logprobs, 20 by default; OpenAI chat: 20). A server that allows fewer names its
+    # maximum in a 400 and is asked for that from then on.
+    max_logprobs: int = Field(20, ge=1)
+    # Extra JSON fields sent with every request (e.g. vLLM's top_k or repetition_penalty).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    # OpenAI's Batch API (backend openai): requests go out as JSONL batches at half the price,
+    # answered within 24 h; a killed run resumes its pending batches (neuron_pipeline/llm/batch.py).
+    batch: bool = False
+    batch_poll_s: float = Field(30.0, gt=0, description="seconds between two looks at a pending batch")
     # Where this backend runs, within the run's layers and neurons (LLMs are slow: a subset).
     layers: str = "all"
     neurons: str = "all"
@@ -149,6 +159,8 @@ class _LLMSettings(_Section):
     def _api_needs_model(self):
         if self.backend == "openai" and not self.model:
             raise ValueError("the openai backend needs `model` (the served model name)")
+        if self.batch and self.backend != "openai":
+            raise ValueError(f"batch: true needs the openai backend (the Batch API), not {self.backend}")
         return self
 
 
@@ -173,6 +185,14 @@ class SimulatorSettings(_LLMSettings):
     mode: Literal["auto", "prompt_logprobs", "top_logprobs", "integers"] = "auto"
     # Fit real ~ a * simulated + b per neuron on held-out records before rsquared / deviation.
     calibrate: bool = False
+
+    @model_validator(mode="after")
+    def _batch_is_chat(self):
+        if self.batch and self.mode == "prompt_logprobs":
+            raise ValueError(
+                "batch: true runs chat requests only: use mode top_logprobs or integers (prompt logprobs need the online API)"
+            )
+        return self
 
 
 class KubernetesSettings(_Section):
@@ -207,6 +227,8 @@ class PlatformSettings(_Section):
     schedule_timezone: str = "UTC"
     # How often the prompt / settings sensor looks for a change.
     sensor_interval_s: int = Field(60, ge=5)
+    # Seconds between progress lines of a long stage (run log, and stdout without a terminal).
+    progress_interval_s: float = Field(30.0, gt=0)
     k8s: KubernetesSettings = KubernetesSettings()
 
     @model_validator(mode="after")

@@ -10,6 +10,12 @@ It speaks just enough of the protocol for ``neuron_pipeline.llm.openai_api``:
   regex tokenizer and a deterministic next-token distribution, :func:`distribution`, that a test
   can recompute by hand.
 - ``GET /v1/models``.
+- The Batch API: ``POST /v1/files`` (multipart upload), ``GET /v1/files/{id}/content``,
+  ``POST /v1/batches``, ``GET /v1/batches/{id}``. A batch is run (every line through the same
+  chat / completions code, no latency, no faults) when it has been looked at ``batch_polls``
+  times; ``batch_outcome`` makes it ``"completed"``, ``"expired"`` (the window ran out after half
+  of its requests: the rest get ``batch_expired`` error lines), ``"partial"`` (completed, but
+  every third request failed with a 500 in the error file) or ``"failed"`` (rejected whole).
 
 Faults are scripted (``server.script("429", "500", ...)``, one per request, in order) or drawn at
 random per request (``server.fault_rates = {"503": 0.1}``); see :data:`FAULTS`. ``logprobs_mode``
@@ -148,6 +154,9 @@ class FakeOpenAIServer:
     fault_rates: dict[str, float] = field(default_factory=dict)
     require_api_key: str | None = None
     reject_max_tokens: bool = False  # like OpenAI's reasoning models: only max_completion_tokens
+    max_logprobs: int = 20  # like vLLM's --max-logprobs: more is refused with a 400 naming the cap
+    batch_polls: int = 2  # GET /v1/batches/{id} answers "in_progress" this many times, then the batch ends
+    batch_outcome: str = "completed"  # completed | expired | partial | failed
 
     def __post_init__(self) -> None:
         if self.logprobs_mode not in LOGPROBS_MODES:
@@ -162,6 +171,9 @@ class FakeOpenAIServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
+        self.gets: list[str] = []  # paths of GET requests
+        self.files: dict[str, dict] = {}  # Batch API: id -> {"purpose", "filename", "data"}
+        self.batches: dict[str, dict] = {}  # id -> the batch object (plus "_polls")
 
     # --- control -----------------------------------------------------------------------------
 
@@ -233,6 +245,82 @@ class FakeOpenAIServer:
                     return fault
         return None
 
+    # --- the Batch API ---------------------------------------------------------------------------
+
+    def _upload(self, form: Any) -> tuple[int, dict]:
+        if not isinstance(form, dict) or "file" not in form:
+            return 400, _error("a multipart upload with a 'file' part is required", "file")
+        file_id = f"file-{len(self.files) + 1:04d}"
+        filename, data = form["file"]
+        self.files[file_id] = {"purpose": form.get("purpose", ""), "filename": filename, "data": data}
+        return 200, {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                     "filename": filename, "purpose": form.get("purpose", ""), "status": "processed"}
+
+    def _create_batch(self, body: dict) -> tuple[int, dict]:
+        stored = self.files.get(body.get("input_file_id", ""))
+        if stored is None or stored["purpose"] != "batch":
+            return 400, _error("input_file_id must name an uploaded file with purpose 'batch'", "input_file_id")
+        if body.get("endpoint") not in ("/v1/chat/completions", "/v1/completions") or body.get("completion_window") != "24h":
+            return 400, _error("endpoint must be /v1/chat/completions or /v1/completions, window 24h", "endpoint")
+        with self._lock:
+            batch_id = f"batch_{len(self.batches) + 1:04d}"
+            total = sum(1 for line in stored["data"].splitlines() if line.strip())
+            self.batches[batch_id] = {
+                "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
+                "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+                "expires_at": int(time.time()) + 86400, "request_counts": {"total": total, "completed": 0, "failed": 0},
+                "metadata": body.get("metadata") or {}, "_polls": 0,
+            }
+            return 200, self._public(self.batches[batch_id])
+
+    def _poll_batch(self, batch_id: str) -> dict | None:
+        with self._lock:
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                return None
+            batch["_polls"] += 1
+            if batch["status"] in ("validating", "in_progress") and batch["_polls"] > self.batch_polls:
+                self._run_batch(batch)
+            elif batch["status"] == "validating":
+                batch["status"] = "in_progress"
+            return self._public(batch)
+
+    @staticmethod
+    def _public(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _run_batch(self, batch: dict) -> None:
+        """Answer every line of the batch's input file (called with the lock held)."""
+        if self.batch_outcome == "failed":
+            batch["status"] = "failed"
+            batch["errors"] = {"object": "list", "data": [{"code": "invalid_request", "message": "the batch was rejected (scripted)", "line": 1}]}
+            return
+        lines = [json.loads(line) for line in self.files[batch["input_file_id"]]["data"].splitlines() if line.strip()]
+        outputs, errors = [], []
+        for index, line in enumerate(lines):
+            entry = {"id": f"batch_req_{index}", "custom_id": line["custom_id"], "response": None, "error": None}
+            if self.batch_outcome == "expired" and index >= len(lines) // 2:
+                entry["error"] = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
+                errors.append(entry)
+                continue
+            if self.batch_outcome == "partial" and index % 3 == 2:
+                entry["response"] = {"status_code": 500, "request_id": f"req_{index}", "body": _error("The server had an error.", kind="server_error")}
+                errors.append(entry)
+                continue
+            run = self._chat if line["url"].endswith("/chat/completions") else self._completion
+            status, payload = run(line["body"], None)
+            entry["response"] = {"status_code": status, "request_id": f"req_{index}", "body": payload}
+            (outputs if status == 200 else errors).append(entry)
+        for name, entries in (("output_file_id", outputs), ("error_file_id", errors)):
+            if entries:
+                file_id = f"file-{len(self.files) + 1:04d}"
+                data = ("\n".join(json.dumps(e) for e in entries) + "\n").encode()
+                self.files[file_id] = {"purpose": "batch_output", "filename": f"{batch['id']}_{name}.jsonl", "data": data}
+                batch[name] = file_id
+        batch["status"] = "expired" if self.batch_outcome == "expired" else "completed"
+        batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
+
     def _chat(self, body: dict, fault: str | None) -> tuple[int, dict]:
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not messages:
@@ -243,8 +331,8 @@ class FakeOpenAIServer:
         if wants_logprobs and self.logprobs_mode == "none":
             return 400, _error("logprobs are not supported by this server", "logprobs")
         top_k = int(body.get("top_logprobs") or 0)
-        if top_k > 20:
-            return 400, _error("top_logprobs must be at most 20", "top_logprobs")
+        if top_k > self.max_logprobs:
+            return 400, _error(f"top_logprobs must be at most {self.max_logprobs}", "top_logprobs")
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
         content = chat_content(messages)
         if fault == "empty_content":
@@ -269,8 +357,9 @@ class FakeOpenAIServer:
             return 400, _error("prompt must be a string", "prompt")
         echo = bool(body.get("echo"))
         k = body.get("logprobs")
-        if k is not None and int(k) > 20:
-            return 400, _error("logprobs must be at most 20", "logprobs")
+        if k is not None and int(k) > self.max_logprobs:
+            # vLLM's wording
+            return 400, _error(f"Requested sample logprobs of {int(k)}, which is greater than max allowed: {self.max_logprobs}", "logprobs")
         if echo and k is not None and self.logprobs_mode == "openai":
             return 400, _error("Setting 'echo' and 'logprobs' at the same time is not supported for this model.", "logprobs")
         generated = "0"
@@ -388,6 +477,23 @@ def chat_content(messages: list[dict]) -> str:
     return f' the word "{best.strip()}" and words like it.'
 
 
+def _multipart(content_type: str, data: bytes) -> dict[str, Any]:
+    """A multipart/form-data body as {field: text} with files as {field: (filename, bytes)}."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + data
+    )
+    form: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        form[name] = (filename, payload) if filename else payload.decode()
+    return form
+
+
 def _error(message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -418,19 +524,36 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/").endswith("/models"):
+        fake = self.fake
+        with fake._lock:
+            fake.gets.append(self.path)
+        path = self.path.split("?")[0].rstrip("/")
+        if path.endswith("/models"):
             self._send(200, {"object": "list", "data": [{"id": self.fake.model, "object": "model", "owned_by": "fake"}]})
+        elif match := re.search(r"/files/([^/]+)/content$", path):
+            stored = fake.files.get(match[1])
+            if stored is None:
+                return self._send(404, _error(f"no file {match[1]}"))
+            self._send_raw(200, stored["data"], content_type="application/octet-stream")
+        elif match := re.search(r"/batches/([^/]+)$", path):
+            batch = fake._poll_batch(match[1])
+            if batch is None:
+                return self._send(404, _error(f"no batch {match[1]}"))
+            self._send(200, batch)
         else:
             self._send(404, _error(f"no route {self.path}"))
 
     def do_POST(self) -> None:
         fake = self.fake
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length).decode("utf-8", "replace")
+        data = self.rfile.read(length)
+        raw = data.decode("utf-8", "replace")
         try:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw
+        if self.path.rstrip("/").endswith("/files") and "multipart/form-data" in (self.headers.get("Content-Type") or ""):
+            body = _multipart(self.headers["Content-Type"], data)
         record = RecordedRequest("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic())
         with fake._lock:
             fake.requests.append(record)
@@ -477,6 +600,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, _error("Invalid request (scripted).", "messages"))
         if not isinstance(body, dict):
             return self._send(400, _error("body is not JSON"))
+        if self.path.rstrip("/").endswith("/files"):
+            return self._send(*fake._upload(body))
+        if self.path.rstrip("/").endswith("/batches"):
+            return self._send(*fake._create_batch(body))
         if self.path.rstrip("/").endswith("/chat/completions"):
             status, payload = fake._chat(body, name or None)
         elif self.path.rstrip("/").endswith("/completions"):
@@ -495,10 +622,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> int:
         return self._send_raw(status, json.dumps(payload).encode(), headers)
 
-    def _send_raw(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> int:
+    def _send_raw(self, status: int, data: bytes, headers: dict[str, str] | None = None, content_type: str = "application/json") -> int:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)

@@ -53,6 +53,7 @@ def test_simulation_follows_the_explanation(llm):
     simulator = AllAtOnceSimulator(llm)
     [days] = simulator.simulate("names of days of the week.", [EXCERPTS[1]])
     assert days.mode == "all_at_once_logprobs"
+    assert days.value_mass == 1.0  # the whole vocabulary is seen: every value's mass is captured
     assert len(days.expected_activations) == 4
     assert all(0 <= v <= 10 for v in days.expected_activations)
     # " Monday" is the day: it gets the highest predicted activation of the excerpt.

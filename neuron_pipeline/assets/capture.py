@@ -9,13 +9,12 @@ import hashlib
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
-
 import dagster as dg
 
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, combine_reports, gate, quality_check_spec
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layer
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.versions import capture_data_version
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
@@ -152,7 +151,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         )
         stats_reports, records_reports = [], []
         n_stats = n_records = 0
-        with tqdm(total=len(token_ids) * len(plan.passes), desc=f"capture layers {layers}", unit="seq", disable=None) as bar:
+        with track(total=len(token_ids) * len(plan.passes), stage="capture", layer=layers, unit="sequence") as bar:
             captures = iter_captures(
                 subject, token_ids, layers, neurons, settings.records, settings.subject.batch_size, progress=bar.update,
                 passes=plan.passes, activation_dtype=settings.capture.activation_dtype,

@@ -5,7 +5,6 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
@@ -21,12 +20,14 @@ from neuron_pipeline.assets.checks import (
 )
 from neuron_pipeline.assets.layered import layer_neurons, llm_workers, record_chunks, run_by_layer
 from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer, Explanation
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
+from neuron_pipeline.plan import run_plan
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
 
@@ -165,6 +166,8 @@ def explain_layers(
             progress(1)
 
     def flush_layer(layer: int, state) -> None:
+        if progress is not None and state["kept"]:
+            progress(len(state["kept"]))  # unchanged explanations count as done
         rows = sorted(state["kept"] + state["rows"], key=lambda r: r["neuron"])
         flush(layer, table_frame("explanations", rows))
 
@@ -196,6 +199,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         layers = layers_of(context)
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
         upstream = yield from gate_upstream("explanations", "activation_records", lake, layers, settings)
+        plan = run_plan(settings, context.log.info)  # the bill of the configured run, before anything is paid
         neurons_of = {layer: layer_neurons(lake, layer) for layer in layers}
         missing = [layer for layer in layers if not neurons_of[layer]]
         if missing:
@@ -227,7 +231,10 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                     usd_in_layers += cost_metadata(llm.explainers(), frame).get("usd_in_layers", 0.0)
                     context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations written")
 
-                with tqdm(desc=f"explain {explainer.explainer_id}", unit="neuron", disable=None) as bar:
+                total = sum(len(select_subset(explainer_settings.neurons, neurons_of[layer])) for layer in explainer_layers)
+                with track(
+                    total=total, stage="explanations", layer=explainer_layers, unit="neuron", detail=explainer.explainer_id
+                ) as bar:
                     totals["new_calls"] += explain_layers(
                         explainer, explainer_layers, load, settings.records, model_id, flush,
                         workers=llm_workers(explainer_settings), progress=bar.update,
@@ -248,7 +255,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         publish_layers(context, "explanations", written)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
-            metadata={**totals, **lake_metadata(lake, "explanations")},
+            metadata={**totals, **lake_metadata(lake, "explanations"), **plan},
         )
 
     return explanations

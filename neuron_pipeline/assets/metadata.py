@@ -187,7 +187,9 @@ def _new_tokens(obj: Any, depth: int = 0, seen: set | None = None) -> tuple[int,
 
 
 def _usd(entry: Any, prompt: int, completion: int) -> float:
-    return (prompt * entry.usd_per_million_prompt + completion * entry.usd_per_million_completion) / 1e6
+    # The Batch API charges half the online price.
+    factor = 0.5 if getattr(entry, "batch", False) else 1.0
+    return factor * (prompt * entry.usd_per_million_prompt + completion * entry.usd_per_million_completion) / 1e6
 
 
 def cost_metadata(entries: list[tuple[Any, Any]], rows: pl.DataFrame | None = None, id_attr: str = "explainer_id") -> dict[str, Any]:
@@ -206,6 +208,18 @@ def cost_metadata(entries: list[tuple[Any, Any]], rows: pl.DataFrame | None = No
     return out
 
 
+def spend(entries: list[tuple[Any, Any]]) -> tuple[int, float]:
+    """New (paid) tokens and dollars so far of the LLM clients inside ``entries`` ((settings,
+    explainer or simulator) pairs); a client shared by several entries counts once."""
+    seen: set = set()
+    tokens, usd = 0, 0.0
+    for entry, obj in entries:
+        prompt, completion = _new_tokens(obj, seen=seen)
+        tokens += prompt + completion
+        usd += _usd(entry, prompt, completion)
+    return tokens, usd
+
+
 def _markdown(frame: pl.DataFrame) -> str:
     if frame.is_empty():
         return "(none)"
@@ -215,3 +229,40 @@ def _markdown(frame: pl.DataFrame) -> str:
         for row in frame.iter_rows()
     )
     return header + body
+
+
+# --------------------------------------------------------------------------- simulation faithfulness
+
+# A neuron whose simulations saw less than this share of the value tokens' mass, on average, is
+# flagged: its expected values rest on the few digits a top-k API listed (DESIGN.md, measured facts).
+VALUE_MASS_WARNING = 0.9
+
+
+def low_value_mass(simulations: pl.DataFrame, threshold: float = VALUE_MASS_WARNING) -> pl.DataFrame:
+    """Per (layer, neuron, simulator_id): the mean ``value_mass`` of its simulations, for those
+    below ``threshold`` (rows without a value mass are left out), lowest first."""
+    if "value_mass" not in simulations.columns:
+        return pl.DataFrame(schema={"layer": pl.String, "neuron": pl.Int32, "simulator_id": pl.String, "value_mass": pl.Float64})
+    return (
+        simulations.filter(pl.col("value_mass").is_not_null())
+        .group_by("layer", "neuron", "simulator_id")
+        .agg(pl.col("value_mass").mean())
+        .filter(pl.col("value_mass") < threshold)
+        .sort("value_mass", "layer", "neuron")
+    )
+
+
+def value_mass_metadata(simulations: pl.DataFrame) -> dict[str, Any]:
+    """The simulations' captured value mass: its mean, and the neurons under the warning line."""
+    known = simulations["value_mass"].drop_nulls() if "value_mass" in simulations.columns else pl.Series([], dtype=pl.Float64)
+    low = low_value_mass(simulations)
+    out: dict[str, Any] = {
+        "value_mass_mean": round(float(known.mean()), 4) if known.len() else None,
+        f"neurons_value_mass_below_{VALUE_MASS_WARNING}": low.height,
+    }
+    if low.height:
+        out["value_mass_warning"] = dg.MetadataValue.md(
+            f"{low.height} neuron(s) saw under {VALUE_MASS_WARNING:.0%} of the value tokens' probability mass "
+            "(a top-k API dropped the digits): their simulated values are unreliable.\n\n" + _markdown(low.head(20))
+        )
+    return out

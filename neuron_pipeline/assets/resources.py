@@ -105,6 +105,13 @@ class LLMResource(dg.ConfigurableResource):
             usage["llm_faults"] = dg.MetadataValue.json(faults)
         return usage
 
+    def spend(self) -> tuple[int, float]:
+        """New (paid) tokens and dollars so far of the explainers and simulators built in this run
+        (for progress lines)."""
+        from neuron_pipeline.assets.metadata import spend
+
+        return spend((self._simulators or []) + (self._explainers or []))
+
     def faults(self) -> dict[str, dict[str, int]]:
         """Faults the API backends met this run, by kind (``openai_api.FAULT_KINDS``: rate_limited,
         server_error, timeout, connection, malformed, unusable_content, ...), summed over the

@@ -54,3 +54,21 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
     return failed
+
+
+def end_own_runs(instance: dg.DagsterInstance, message: str, recent: int = 5) -> list[str]:
+    """After this process's run was stopped: its runs still active are marked canceled, and the
+    pool slots of its latest runs are freed (Dagster frees a stopped step's slot itself, this
+    makes sure). Returns the ids of the runs it marked canceled."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(tags={HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}), limit=recent
+    )
+    canceled = []
+    for record in records:
+        run = record.dagster_run
+        if run.status in _ACTIVE:
+            instance.report_run_canceled(run, message)
+            canceled.append(run.run_id)
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return canceled

@@ -4,7 +4,6 @@
 from typing import Callable, Iterable
 
 import polars as pl
-from tqdm.auto import tqdm
 
 import dagster as dg
 
@@ -20,7 +19,15 @@ from neuron_pipeline.assets.checks import (
     upstream_check_spec,
 )
 from neuron_pipeline.assets.layered import RowBuffer, layer_neurons, llm_workers, record_chunks, run_by_layer
-from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.metadata import (
+    VALUE_MASS_WARNING,
+    cost_metadata,
+    lake_metadata,
+    low_value_mass,
+    publish_layers,
+    value_mass_metadata,
+)
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings
@@ -140,10 +147,13 @@ def simulate_layers(
                     "input_hash": input_hash,
                     "prompt_tokens": simulation.prompt_tokens,
                     "completion_tokens": simulation.completion_tokens,
+                    "value_mass": simulation.value_mass,
                 }
             )
 
     def flush_layer(layer: int, state) -> None:
+        if progress is not None and state["kept"]:
+            progress(len(state["kept"]))  # unchanged simulations count as done
         rows: RowBuffer = state["rows"]
         if state["kept"]:
             kept = pl.DataFrame(state["kept"], schema={"neuron": pl.Int32, "input_hash": pl.String}, orient="row")
@@ -220,7 +230,10 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
                         usd_in_layers += cost_metadata(llm.simulators(), frame, id_attr="simulator_id").get("usd_in_layers", 0.0)
 
-                    with tqdm(desc=f"simulate {simulator.simulator_id}", unit="neuron", disable=None) as bar:
+                    total = sum(len(select_subset(simulator_settings.neurons, neurons_of[layer])) for layer in simulator_layers)
+                    with track(
+                        total=total, stage="simulations", layer=simulator_layers, unit="neuron", detail=simulator.simulator_id
+                    ) as bar:
                         totals["new_simulations"] += simulate_layers(
                             simulator, simulator_layers, load, settings.records, flush,
                             workers=llm_workers(simulator_settings), progress=bar.update,
@@ -233,8 +246,15 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
             lake,
             "simulations",
             where={"layer": [str(layer) for layer in layers], "explainer_id": explainer_ids, "simulator_id": simulator_ids},
-            columns=["layer", "neuron", "explainer_id", "simulator_id"],
+            columns=["layer", "neuron", "explainer_id", "simulator_id", "value_mass"],
         )
+        low_mass = low_value_mass(written)
+        if low_mass.height:
+            context.log.warning(
+                f"{low_mass.height} neuron(s) simulated from under {VALUE_MASS_WARNING:.0%} of the value tokens' "
+                f"probability mass (lowest: layer {low_mass['layer'][0]} neuron {low_mass['neuron'][0]}, "
+                f"{low_mass['value_mass'][0]:.2f}): a top-k API dropped the digits; see value_mass in simulations"
+            )
         publish_layers(context, "simulations", written)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
@@ -248,6 +268,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "completion_tokens": totals["completion_tokens"],
                 **cost_metadata(llm.simulators()),
                 "usd_in_layers": round(usd_in_layers, 6),
+                **value_mass_metadata(written),
                 **lake_metadata(lake, "simulations"),
             },
         )

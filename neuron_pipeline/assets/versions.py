@@ -42,6 +42,8 @@ _RUNTIME_FIELDS = {
     "usd_per_million_completion",
     "api_key_env",
     "base_url",
+    "batch",
+    "batch_poll_s",
 }
 SIMULATOR_TEMPLATE_PREFIX = "simulator"
 

@@ -47,10 +47,15 @@ class ChatModel(Protocol):
 
 @dataclass(frozen=True)
 class SlotDistributions:
-    """Probabilities of the values 0..10 at each value slot of one excerpt: [slots, 11]."""
+    """Probabilities of the values 0..10 at each value slot of one excerpt: [slots, 11].
+
+    ``value_mass`` [slots]: the share of the value tokens' probability mass the backend saw (1.0
+    for a local model, which sees the whole vocabulary; for a top-k API, see
+    ``interp.simulator.captured_value_mass``); None when unknown."""
 
     probabilities: np.ndarray
     prompt_tokens: int = 0
+    value_mass: np.ndarray | None = None
 
 
 class ValueDistributionModel(Protocol):

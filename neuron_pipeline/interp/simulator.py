@@ -18,6 +18,8 @@ from neuron_pipeline.interp.prompts import END_MARKER, MAX_VALUE, START_MARKER, 
 # What stands in a value slot in the all-at-once prompt: the model never sees other predictions.
 SLOT_FILLER = "unknown"
 VALUES = tuple(range(MAX_VALUE + 1))
+# Alternatives per generated token a chat simulator asks for: OpenAI's maximum.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class SequenceSimulation:
     mode: str  # how the values were obtained, e.g. "all_at_once_logprobs", "token_lookup"
     prompt_tokens: int = 0  # what simulating this excerpt cost
     completion_tokens: int = 0
+    # Mean over the excerpt's slots of the share of the value tokens' probability mass the
+    # simulator saw (1.0 locally; below 1 when a top-k API dropped values); None without logprobs.
+    value_mass: float | None = None
 
 
 class Simulator(Protocol):
@@ -106,10 +111,47 @@ def parse_simulated_values(completion: str, n_tokens: int) -> tuple[list[float],
     return values, parsed
 
 
+# The value tokens a tokenizer can write at a slot: "0".."10", or "0".."9" when it writes 10 as "1","0".
+VALUE_TOKENS = tuple(str(v) for v in VALUES)
+DIGIT_TOKENS = tuple(str(v) for v in range(10))
+
+
+def captured_value_mass(top: dict[str, float], value_tokens: Sequence[str] = VALUE_TOKENS) -> float:
+    """Of the value tokens' probability mass at one position, the share a top-k answer shows
+    (``top``: token -> logprob, the k alternatives listed). A value token missing from the list
+    has a probability of at most the smallest one listed, and all missing ones together at most
+    what the list leaves of 1; so the share returned is a lower bound, exact (1.0) when every
+    value token is listed. 0.0 when no value token is listed."""
+    wanted = set(value_tokens)
+    captured, present, listed = 0.0, set(), []
+    for token, logprob in top.items():
+        p = math.exp(logprob) if logprob > -math.inf else 0.0
+        listed.append(p)
+        key = token.strip()
+        if key in wanted:
+            captured += p
+            present.add(key)
+    missing = len(wanted - present)
+    if missing == 0:
+        return 1.0
+    if captured <= 0:
+        return 0.0
+    unseen = min(max(0.0, 1.0 - sum(listed)), missing * min(listed))
+    return captured / (captured + unseen)
+
+
 def values_from_top_logprobs(completion_logprobs, n_tokens: int) -> list[float] | None:
     """Expected values read at each generated value token: the first token after each tab.
     None when the completion does not have one value token per excerpt token."""
+    read = values_and_mass_from_top_logprobs(completion_logprobs, n_tokens)
+    return None if read is None else read[0]
+
+
+def values_and_mass_from_top_logprobs(completion_logprobs, n_tokens: int) -> tuple[list[float], list[float]] | None:
+    """``values_from_top_logprobs`` and, per value token, the share of the value mass its top
+    alternatives captured (``captured_value_mass``)."""
     expected: list[float] = []
+    masses: list[float] = []
     after_tab = False
     for token in completion_logprobs:
         if after_tab:
@@ -123,9 +165,17 @@ def values_from_top_logprobs(completion_logprobs, n_tokens: int) -> list[float] 
             if probs.sum() == 0:
                 return None
             expected.append(float(expected_values(probs)))
+            masses.append(captured_value_mass(candidates))
         if token.token.endswith("\t"):
             after_tab = True
-    return expected[:n_tokens] if len(expected) >= n_tokens else None
+    return (expected[:n_tokens], masses[:n_tokens]) if len(expected) >= n_tokens else None
+
+
+def mean_value_mass(masses) -> float | None:
+    """One excerpt's value mass: the mean over its slots (None when unknown)."""
+    if masses is None or len(masses) == 0:
+        return None
+    return float(np.mean(masses))
 
 
 class AllAtOnceSimulator:
@@ -149,7 +199,11 @@ class AllAtOnceSimulator:
         distributions = self.model.value_distributions(self.prefix(explanation), suffixes, slots)
         return [
             SequenceSimulation(
-                tuple(tokens), tuple(float(v) for v in expected_values(d.probabilities)), self.mode, d.prompt_tokens
+                tuple(tokens),
+                tuple(float(v) for v in expected_values(d.probabilities)),
+                self.mode,
+                d.prompt_tokens,
+                value_mass=mean_value_mass(d.value_mass),
             )
             for tokens, d in zip(excerpts, distributions)
         ]
@@ -181,7 +235,8 @@ class ChatSimulator:
             messages=(("user", user),),
             max_tokens=8 * len(tokens) + 16,
             temperature=0.0,
-            top_logprobs=15 if self.use_logprobs else 0,
+            # As many alternatives as an API gives (OpenAI's cap; the backend lowers it to its server's).
+            top_logprobs=MAX_TOP_LOGPROBS if self.use_logprobs else 0,
         )
 
     def simulate(self, explanation: str, excerpts: Sequence[Sequence[str]]) -> list[SequenceSimulation]:
@@ -191,14 +246,18 @@ class ChatSimulator:
             if isinstance(response, Exception):
                 raise response
             text = response.texts[0] if response.texts else ""
-            values = None
+            read = None
             if self.use_logprobs and response.logprobs:
-                values = values_from_top_logprobs(response.logprobs[0], len(tokens))
-            mode = "chat_top_logprobs"
-            if values is None:
+                read = values_and_mass_from_top_logprobs(response.logprobs[0], len(tokens))
+            mode, mass = "chat_top_logprobs", None
+            if read is None:
                 values, _ = parse_simulated_values(text, len(tokens))
                 mode = "chat_integers"
+            else:
+                values, mass = read[0], mean_value_mass(read[1])
             results.append(
-                SequenceSimulation(tuple(tokens), tuple(values), mode, response.prompt_tokens, response.completion_tokens)
+                SequenceSimulation(
+                    tuple(tokens), tuple(values), mode, response.prompt_tokens, response.completion_tokens, value_mass=mass
+                )
             )
         return results

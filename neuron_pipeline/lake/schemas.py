@@ -89,6 +89,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("input_hash", pa.string()),  # fingerprint of (explanation, excerpt tokens)
             ("prompt_tokens", pa.int64()),  # cost of simulating this excerpt (0 for the baseline)
             ("completion_tokens", pa.int64()),
+            # Share of the 0-10 value tokens' probability mass the simulator saw, mean over the
+            # excerpt's slots: 1.0 locally, lower when a top-k API dropped values (a lower bound
+            # there); null without logprobs (baseline, chat integers).
+            ("value_mass", pa.float64()),
         ]
     ),
     "scores": pa.schema(

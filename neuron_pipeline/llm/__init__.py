@@ -39,6 +39,8 @@ def make_backend(settings: ExplainerSettings | SimulatorSettings):
             budget_usd=settings.budget_usd,
             usd_per_million_prompt=settings.usd_per_million_prompt,
             usd_per_million_completion=settings.usd_per_million_completion,
+            value_logprobs=settings.max_logprobs,
+            extra_body=settings.extra_body,
         )
     raise ValueError(f"backend {settings.backend!r} has no LLM client")
 
@@ -64,13 +66,22 @@ def check_llm_settings(settings: ExplainerSettings | SimulatorSettings) -> None:
         check_reachable(settings.base_url, api_key=key, api_key_env=settings.api_key_env)
 
 
+def _chat_backend(settings: ExplainerSettings | SimulatorSettings, backend, cache: LLMCache | None):
+    """The backend for chat requests: through the Batch API when ``batch`` is set."""
+    if not settings.batch:
+        return backend
+    from neuron_pipeline.llm.batch import BatchChatModel
+
+    return BatchChatModel(backend, cache, poll_s=settings.batch_poll_s)
+
+
 def make_explainer(
     settings: ExplainerSettings, cache: LLMCache | None = None, ranker: Simulator | None = None
 ) -> Explainer:
     """``ranker`` simulates candidate explanations for best-of-n and revision."""
     if settings.backend == "baseline":
         return BaselineExplainer(max_tokens=settings.baseline_tokens)
-    backend = make_backend(settings)
+    backend = _chat_backend(settings, make_backend(settings), cache)
     chat_model = CachedChatModel(backend, cache) if cache is not None else backend
     explainer = LLMExplainer(chat_model, settings.prompt, max_tokens=settings.max_tokens, temperature=settings.temperature)
     if settings.best_of > 1 or settings.revise:
@@ -88,6 +99,9 @@ def _make_simulator(settings: SimulatorSettings, cache: LLMCache | None) -> Simu
         return BaselineSimulator()
     backend = make_backend(settings)
     mode = settings.mode
+    if settings.batch:  # the Batch API answers chat requests: read top logprobs unless told otherwise
+        backend = _chat_backend(settings, backend, cache)
+        mode = "top_logprobs" if mode == "auto" else mode
     if mode == "auto":
         supports = getattr(backend, "supports_prompt_logprobs", None)
         mode = "prompt_logprobs" if supports is None or supports() else "top_logprobs"

@@ -45,6 +45,16 @@ class LLMCache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, model TEXT, kind TEXT, response TEXT, created REAL)"
         )
+        # Batch API jobs (neuron_pipeline.llm.batch): which batch holds which request, so a run
+        # killed while a batch is pending picks it up again instead of paying for it twice.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, model TEXT, endpoint TEXT, "
+            "input_file_id TEXT, status TEXT, requests INTEGER, created REAL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS batch_requests (custom_id TEXT, batch_id TEXT, state TEXT, created REAL, "
+            "PRIMARY KEY (custom_id, batch_id))"
+        )
         self._db.commit()
         self.hits = 0
         self.misses = 0
@@ -65,6 +75,49 @@ class LLMCache:
                 "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?)", (key, model, kind, response, time.time())
             )
             self._db.commit()
+
+    # --- Batch API bookkeeping ------------------------------------------------------------------
+
+    def record_batch(self, batch_id: str, model: str, endpoint: str, input_file_id: str, custom_ids: Sequence[str]) -> None:
+        """A submitted batch and the requests it holds (state ``pending``), in one transaction."""
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (batch_id, model, endpoint, input_file_id, "submitted", len(custom_ids), now),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO batch_requests VALUES (?, ?, 'pending', ?)", [(c, batch_id, now) for c in custom_ids]
+            )
+            self._db.commit()
+
+    def batch_holding(self, custom_id: str) -> str | None:
+        """The newest batch that holds this request and has not given it up (failed, expired)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT batch_id FROM batch_requests WHERE custom_id = ? AND state != 'failed' ORDER BY created DESC LIMIT 1",
+                (custom_id,),
+            ).fetchone()
+        return row[0] if row else None
+
+    def settle_batch(self, batch_id: str, status: str, failed: Sequence[str]) -> None:
+        """A batch that ended: its status, and the requests it did not answer (asked again later)."""
+        with self._lock:
+            self._db.execute("UPDATE batches SET status = ? WHERE batch_id = ?", (status, batch_id))
+            self._db.executemany(
+                "UPDATE batch_requests SET state = 'failed' WHERE custom_id = ? AND batch_id = ?", [(c, batch_id) for c in failed]
+            )
+            self._db.execute("UPDATE batch_requests SET state = 'done' WHERE batch_id = ? AND state = 'pending'", (batch_id,))
+            self._db.commit()
+
+    def batches(self) -> list[dict]:
+        """Every batch recorded, newest first (``neuron-pipeline`` reports and tests)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT batch_id, model, endpoint, input_file_id, status, requests, created FROM batches ORDER BY created DESC"
+            ).fetchall()
+        keys = ("batch_id", "model", "endpoint", "input_file_id", "status", "requests", "created")
+        return [dict(zip(keys, row)) for row in rows]
 
     def __len__(self) -> int:
         with self._lock:
@@ -161,7 +214,14 @@ class CachedValueModel:
             if hit is not None:
                 self.cache.hits += 1
                 data = json.loads(hit)
-                results.append(SlotDistributions(np.asarray(data["probabilities"], dtype=np.float64), data["prompt_tokens"]))
+                mass = data.get("value_mass")  # absent from answers cached before it was recorded
+                results.append(
+                    SlotDistributions(
+                        np.asarray(data["probabilities"], dtype=np.float64),
+                        data["prompt_tokens"],
+                        None if mass is None else np.asarray(mass, dtype=np.float64),
+                    )
+                )
             else:
                 self.cache.misses += 1
                 results.append(None)
@@ -176,6 +236,8 @@ class CachedValueModel:
                 results[i] = distribution
                 self.new_prompt_tokens += distribution.prompt_tokens
                 payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
+                if distribution.value_mass is not None:
+                    payload["value_mass"] = np.asarray(distribution.value_mass).tolist()
                 self.cache.put(keys[i], self.model_name, "value_distributions", json.dumps(payload))
 
             submit = getattr(self.model, "submit_value_distributions", None)

@@ -232,7 +232,8 @@ class LocalLLM:
             encoded2 = [self._encode_suffix(s, sl) for s, sl in refilled]
             split = self._slot_logits(prefix_run, [e[0] for e in encoded2], [e[1] for e in encoded2])
         return [
-            SlotDistributions(self._distributions(lp, sp), len(prefix_ids) + len(e[0]))
+            # The whole vocabulary is seen: every value token's mass is captured.
+            SlotDistributions(self._distributions(lp, sp), len(prefix_ids) + len(e[0]), np.ones(len(e[1])))
             for lp, sp, e in zip(slot_logprobs, split, encoded)
         ]
 

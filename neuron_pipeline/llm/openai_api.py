@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP backend: OpenAI itself, vLLM, llama.cpp's server, Ollama, any base URL.
+"""An OpenAI-compatible backend on the ``openai`` SDK: OpenAI itself, vLLM, llama.cpp's server, Ollama, any base URL.
 
 ``OpenAICompatible`` is a ``ChatModel`` (explainer, chat simulator) and, where the server returns
 prompt logprobs, a ``ValueDistributionModel`` (the paper's all-at-once simulator).
@@ -7,30 +7,34 @@ How it works:
 
 - The API key is read once, at construction, from the environment variable named by
   ``api_key_env``; it is never logged, shown in ``repr`` or put into an error message.
-- Requests run on a private asyncio event loop in a daemon thread, as plain JSON POSTs to
-  ``{base_url}/chat/completions`` and ``{base_url}/completions`` over one ``aiohttp.ClientSession``
-  whose keep-alive pool holds ``concurrency`` connections; ``chat`` / ``chat_many`` /
-  ``value_distributions`` are plain synchronous calls. A semaphore keeps at most ``concurrency``
-  requests in flight (it is held only while a request is on the wire, not while a retry waits).
-  A request costs about 0.3 ms of client CPU; through the openai SDK, used here before, it cost
-  2-3 ms, too much to keep 64 requests of 200 ms in flight on a shared 2-core machine
-  (BENCHMARKS.md, section 4).
-- Redirects are not followed (the key goes to ``base_url`` only; a 3xx is a ``client_error``),
-  proxies come from the environment (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), cookies are
-  not kept, and ``timeout_s`` bounds each attempt from sending to the last byte of the answer.
-  Credentials in ``base_url`` (``https://user:pass@host/v1``) are sent as HTTP Basic auth instead
-  of the key, as the openai SDK's httpx did.
-- Our own retry loop: 429 (``Retry-After`` honoured, in seconds or as an HTTP date; else
-  exponential backoff with jitter, capped at ``backoff_max_s``), 5xx, timeouts, connection
-  errors and malformed bodies (invalid JSON, missing fields) are retried up to ``max_retries``
-  times; other 4xx, OpenAI's ``insufficient_quota`` 429 and a spent budget are not. Every fault
-  is counted in ``faults`` (see ``FAULT_KINDS``); a request that keeps failing raises
+- Requests go through the SDK's ``openai.AsyncOpenAI`` (``POST /chat/completions`` and
+  ``/completions`` through its generic ``post`` with a raw ``httpx2.Response`` back: the SDK builds,
+  sends and retries the request; the project reads the JSON itself, so a malformed answer is
+  recognised and retried, and no pydantic model is built per answer), on the SDK's aiohttp transport (``DefaultAioHttpClient``: about a quarter less client CPU
+  per request than its httpx one, BENCHMARKS.md section 4), on a private asyncio event loop in a
+  daemon thread; ``chat`` / ``chat_many`` / ``value_distributions`` are plain synchronous calls.
+  Server-specific parameters (vLLM's ``top_k``, ``repetition_penalty``...) go in ``extra_body``.
+- The SDK's retries: 429 (``Retry-After`` / ``retry-after-ms`` honoured, in seconds or as an HTTP
+  date), 408, 409, 5xx, timeouts and connection errors are retried up to ``max_retries`` times; other
+  4xx are not. The project adds: OpenAI's ``insufficient_quota`` 429 is not retried (no credit comes
+  back by waiting), the backoff without ``Retry-After`` is ``backoff_base_s * 2**attempt`` with
+  jitter, capped at ``backoff_max_s``, and malformed answers (invalid JSON, missing fields) are
+  retried within the same ``max_retries``. A 3xx is not followed (the key goes to ``base_url``
+  only); proxies come from the environment (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``);
+  credentials in ``base_url`` (``https://user:pass@host/v1``) become HTTP Basic auth.
+- Every attempt passes ``_SDKClient._send_request``: a semaphore keeps at most ``concurrency``
+  attempts on the wire (a retry waiting for its turn holds no slot), the budget is checked, and
+  every fault is counted in ``faults`` (see ``FAULT_KINDS``); a request that keeps failing raises
   ``LLMRequestError`` (``chat_many`` returns it in the request's place).
-- Budget: before each request, spent tokens >= ``budget_tokens`` or spent dollars >=
+- Budget: before each attempt, spent tokens >= ``budget_tokens`` or spent dollars >=
   ``budget_usd`` raises ``BudgetExceeded``. Spending is read from each response's ``usage``
   (estimated at 4 characters a token when a server omits it). Up to ``concurrency`` requests
   already in flight when the cap is reached still complete, so a budget can be overshot by that
   much.
+- Logprobs: as many alternatives as the server allows. ``max_logprobs`` (default 20: vLLM's default
+  ``--max-logprobs`` and OpenAI's chat cap) is asked for; a server that refuses it with a 400 naming
+  its maximum ("at most 5", "max allowed: 20") is asked again with that maximum, which is
+  remembered (counted as ``logprobs_capped``).
 
 Prompt logprobs (``value_distributions``) use the legacy completions endpoint with ``echo=True,
 logprobs=k, max_tokens=1``: the echoed prompt tokens come back with their ``top_logprobs`` and
@@ -44,61 +48,78 @@ sit one token off (llama-cpp-python's server attaches to each token the distribu
 *next* position): the probe text repeats the alphabet, which any trained LM continues by copying,
 so the offset at which each entry's most likely token matches the echoed text tells the shift,
 which is then corrected. On a randomly initialised model the probe cannot tell and assumes no
-shift (logged).
+shift (logged). A top-k answer lists only k alternatives per position: the share of the value
+tokens' mass that the k captured is reported per slot (``SlotDistributions.value_mass``, see
+``captured_value_mass``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
-import email.utils
+import contextvars
 import json
 import logging
 import math
 import os
 import random
+import re
+import ssl
 import threading
-import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-import aiohttp
+import anyio
+import httpx2
 import numpy as np
+import openai
 
 from neuron_pipeline.config import ConfigError
 from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
 from neuron_pipeline.interp.prompts import MAX_VALUE
-from neuron_pipeline.interp.simulator import refill_slots
+from neuron_pipeline.interp.simulator import DIGIT_TOKENS, VALUE_TOKENS, captured_value_mass, refill_slots
 
 log = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Sent to self-hosted servers when no key is set (vLLM, llama.cpp, Ollama accept anything).
 PLACEHOLDER_KEY = "sk-no-key-required"
+# Alternatives per position asked for by default: vLLM's default --max-logprobs, OpenAI chat's cap.
 MAX_TOP_LOGPROBS = 20
 
 FAULT_KINDS = {
     "rate_limited": "HTTP 429; retried after Retry-After or a backoff",
     "quota_exhausted": "HTTP 429 insufficient_quota (no credit left); not retried",
     "server_error": "HTTP 5xx; retried",
-    "timeout": "no answer within timeout_s; retried",
+    "timeout": "no answer within timeout_s (or HTTP 408); retried",
     "connection": "connection refused, reset or dropped; retried",
     "malformed": "2xx with invalid JSON or missing fields; retried",
-    "client_error": "HTTP 4xx other than 429; not retried",
+    "conflict": "HTTP 409; retried (as the openai SDK does)",
+    "client_error": "HTTP 3xx or 4xx other than 408, 409 and 429; not retried",
     "unusable_content": "valid answer without usable text (empty completion, no choices); returned as is",
     "logprobs_missing": "logprobs asked for but not in the answer; returned without them",
     "logprobs_rejected": "the server refused chat logprobs; answered without them, and not asked for again",
+    "logprobs_capped": "the server refused that many logprobs (HTTP 400 naming its maximum); asked again with its maximum",
     "usage_missing": "no usage field; tokens estimated from characters",
     "budget_exceeded": "token or dollar budget spent; request not sent",
+    "batch_expired": "Batch API: the request was not run within the completion window; asked again on the next run",
+    "batch_failed": "Batch API: the request (or the whole batch) failed; asked again on the next run",
 }
+
+_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 
 # Text for the one-time echo-logprobs probe: a repeated alphabet (an LM predicts the second copy
 # by copying, which reveals a shifted alignment) and one value line showing how "10" tokenizes.
 _ALPHABET = " ".join("abcdefghijklmnopqrstuvwxyz")
 PROBE_TEXT = f"{_ALPHABET}\n{_ALPHABET}\n{_ALPHABET}\nx\t10\n"
+
+# A 400 that names the server's logprobs maximum: vLLM "... greater than max allowed: 20",
+# OpenAI "Expected a value <= 20", "... must be at most 5", "less than or equal to 5".
+_LOGPROBS_CAP = re.compile(r"(?:max(?:imum)?(?: allowed)?|<=|at most|less than or equal to)\D{0,12}?(\d+)", re.IGNORECASE)
 
 
 def require_key(base_url: str | None, api_key_env: str) -> str | None:
@@ -121,11 +142,10 @@ def check_reachable(
 ) -> None:
     """Fail fast, in one line, when no server accepts connections at ``base_url`` (a TCP connect
     to its host and port), or, given ``api_key``, when the server rejects the key (HTTP 401/403 to
-    ``GET /models``; any other answer, or none, passes: not every server has that route). The TCP
-    check is skipped when a proxy is configured for the URL (the client goes through the proxy)."""
+    ``GET /models`` through the SDK; any other answer, or none, passes: not every server has that
+    route). The TCP check is skipped when a proxy is configured for the URL (the client goes through
+    the proxy). No redirect is followed."""
     import socket
-    import urllib.error
-    import urllib.request
 
     url = (base_url or OPENAI_BASE_URL).rstrip("/")
     shown = _without_userinfo(url)
@@ -139,21 +159,15 @@ def check_reachable(
                 f"cannot reach the OpenAI-compatible server at {shown} ({reason}): start it, or fix base_url"
             ) from None
     if api_key:
-
-        class _NoRedirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args, **kwargs):  # the key never follows a redirect elsewhere
-                return None
-
-        request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"})
+        http = openai.DefaultHttpxClient(follow_redirects=False, timeout=timeout_s)
         try:
-            urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout_s).close()
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code in (401, 403):
-                raise ConfigError(
-                    f"the server at {shown} rejected the API key in {api_key_env} (HTTP {exc.code}): set a valid key"
-                ) from None
-        except (OSError, ValueError):
+            with openai.OpenAI(api_key=api_key, base_url=url, max_retries=0, timeout=timeout_s, http_client=http) as client:
+                client.models.with_raw_response.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise ConfigError(
+                f"the server at {shown} rejected the API key in {api_key_env} (HTTP {exc.status_code}): set a valid key"
+            ) from None
+        except (openai.OpenAIError, OSError, ValueError):
             pass  # no verdict: the calls themselves will tell
 
 
@@ -179,23 +193,138 @@ class _Malformed(Exception):
     """A 2xx answer the client cannot read."""
 
 
-class _StatusError(Exception):
-    """A non-2xx answer: its status, its body (parsed JSON, else text) and headers."""
+@dataclass
+class _Attempts:
+    """One call's attempts so far (shared by the SDK's retries and the project's malformed retries)."""
 
-    def __init__(self, status: int, body: Any, headers):
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.body = body
-        self.headers = headers
+    limit: int  # max_retries + 1
+    count: int = 0
+    last_kind: str | None = None
+
+    @property
+    def retries_left(self) -> int:
+        return max(0, self.limit - self.count - 1)
 
 
-@dataclass(frozen=True)
-class _Failure:
-    kind: str
-    retryable: bool
-    status_code: int | None
-    message: str
-    retry_after: float | None = None
+# The call whose attempts the SDK is making right now (set per task by OpenAICompatible._call).
+_CURRENT_CALL: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("neuron_pipeline_llm_call", default=None)
+
+
+@dataclass
+class _Meter:
+    """What every attempt of one OpenAICompatible passes: its concurrency, budget and counters."""
+
+    model_name: str
+    concurrency: int
+    budget_tokens: int | None
+    budget_usd: float | None
+    backoff_base_s: float
+    backoff_max_s: float
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    usage: dict = field(default_factory=lambda: {"calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0})
+    semaphore: asyncio.Semaphore | None = None
+    random: random.Random = field(default_factory=random.Random)
+
+    def check_budget(self) -> None:
+        spent = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
+        if self.budget_tokens is not None and spent >= self.budget_tokens:
+            self.faults["budget_exceeded"] += 1
+            raise BudgetExceeded(f"token budget spent: {int(spent)} of {self.budget_tokens} tokens used by {self.model_name}")
+        if self.budget_usd is not None and self.usage["usd"] >= self.budget_usd:
+            self.faults["budget_exceeded"] += 1
+            raise BudgetExceeded(f"dollar budget spent: ${self.usage['usd']:.4f} of ${self.budget_usd:.4f} used by {self.model_name}")
+
+    def fault(self, kind: str) -> None:
+        self.faults[kind] += 1
+        call = _CURRENT_CALL.get()
+        if call is not None:
+            call.last_kind = kind
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before retry number ``attempt + 1``: the server's ``Retry-After`` when it gave
+        one (a little jitter spreads the crowd), else exponential backoff with jitter."""
+        if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
+            return min(retry_after, max(self.backoff_max_s, 60.0)) * self.random.uniform(1.0, 1.1)
+        return min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * self.random.uniform(0.5, 1.0)
+
+
+class _SDKClient(openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` with the project's per-attempt accounting (``_send_request`` is the
+    SDK's one call per attempt), backoff bounds and quota rule; its ``max_retries`` is what is left
+    of the current call's attempts."""
+
+    _meter: _Meter
+    _default_max_retries = 0
+
+    @property  # type: ignore[override]
+    def max_retries(self) -> int:
+        call = _CURRENT_CALL.get()
+        return call.retries_left if call is not None else self._default_max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._default_max_retries = value
+
+    async def _send_request(self, request: httpx2.Request, *, stream: bool, **kwargs) -> httpx2.Response:
+        meter = self._meter
+        call = _CURRENT_CALL.get()
+        async with meter.semaphore:
+            meter.check_budget()
+            meter.usage["calls"] += 1
+            if call is not None:
+                if call.count:
+                    meter.usage["retries"] += 1
+                call.count += 1
+            try:
+                response = await super()._send_request(request, stream=stream, **kwargs)
+            except (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream) as exc:
+                meter.fault(_transport_kind(exc))
+                raise
+        status = response.status_code
+        if not 200 <= status < 300:
+            if not response.is_closed:
+                await response.aread()
+            meter.fault(_status_kind(status, response.content))
+        return response
+
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        if response.status_code == 429 and _error_code(response.content) == "insufficient_quota":
+            return False
+        return super()._should_retry(response)
+
+    def _calculate_retry_timeout(self, remaining_retries: int, options, response_headers=None) -> float:
+        call = _CURRENT_CALL.get()
+        attempt = (call.count - 1) if call is not None else 0
+        delay = self._meter.delay(attempt, self._parse_retry_after_header(response_headers))
+        kind = call.last_kind if call is not None else "fault"
+        log.info("%s: %s (attempt %d), retrying in %.2fs", self._meter.model_name, kind, attempt + 1, delay)
+        return delay
+
+
+def _transport_kind(exc: BaseException) -> str:
+    """"timeout" or "connection" for an attempt that got no answer. The SDK's aiohttp transport
+    maps every aiohttp connection error (a reset too) to ``httpx2.ConnectTimeout``: the aiohttp
+    exception underneath tells which it was."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return "timeout" if isinstance(cause, (TimeoutError, httpx2.TimeoutException)) else "connection"
+
+
+def _status_kind(status: int, content: bytes) -> str:
+    if status == 429:
+        return "quota_exhausted" if _error_code(content) == "insufficient_quota" else "rate_limited"
+    if status >= 500:
+        return "server_error"
+    if status == 408:
+        return "timeout"
+    if status == 409:
+        return "conflict"
+    return "client_error"
+
+
+def _error_code(content: bytes) -> str:
+    body = _error_body(content)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    return str(error.get("code") or error.get("type") or "") if isinstance(error, dict) else ""
 
 
 @dataclass(frozen=True)
@@ -235,6 +364,7 @@ class OpenAICompatible:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         value_logprobs: int = MAX_TOP_LOGPROBS,
+        extra_body: dict[str, Any] | None = None,
     ):
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -245,6 +375,7 @@ class OpenAICompatible:
         key = require_key(base_url, api_key_env)
         self.model_name = model
         self.base_url = (base_url or OPENAI_BASE_URL).rstrip("/")
+        _http_url(self.base_url)  # a one-line ConfigError for a URL that is not http(s)
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.max_retries = max_retries
@@ -255,29 +386,52 @@ class OpenAICompatible:
         self.usd_per_million_completion = usd_per_million_completion
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self.value_logprobs = max(1, min(MAX_TOP_LOGPROBS, value_logprobs))
-        self.faults: collections.Counter[str] = collections.Counter()
-        self.usage: dict[str, float] = {"calls": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "usd": 0.0}
+        # Alternatives asked for per position (the server's cap once it named one).
+        self.value_logprobs = max(1, value_logprobs)
+        self.extra_body = dict(extra_body or {})
+        self._meter = _Meter(model, concurrency, budget_tokens, budget_usd, backoff_base_s, backoff_max_s)
+        self.faults: collections.Counter[str] = self._meter.faults
+        self.usage: dict[str, float] = self._meter.usage
         self._secret = key  # kept only to scrub it out of error messages
         self._chat_logprobs: bool | None = None  # False once the server refused them
         self._max_completion_tokens = False  # True once the server asked for that name instead of max_tokens
         self._echo_format: EchoFormat | None = None
         self._echo_unsupported: str | None = None
         self._probe_task: asyncio.Future | None = None
-        self._random = random.Random()
-        url, headers, self._proxy = _transport_settings(self.base_url, key)
-        self._urls = {"chat": f"{url}/chat/completions", "completions": f"{url}/completions"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"openai-compatible:{model}")
         self._thread.start()
-        self._semaphore = asyncio.Semaphore(concurrency)
         try:
-            self._session = asyncio.run_coroutine_threadsafe(_open_session(url, headers, concurrency), self._loop).result()
+            self._client = asyncio.run_coroutine_threadsafe(self._open(key), self._loop).result()
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._session)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._client)
+
+    async def _open(self, key: str | None) -> _SDKClient:
+        """The SDK client, made on the private loop (aiohttp wants its session there)."""
+        self._meter.semaphore = asyncio.Semaphore(self.concurrency)
+        limits = httpx2.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        parts, _ = _http_url(self.base_url)
+        # The proxy is resolved here, once: with trust_env aiohttp would also look up ~/.netrc on
+        # every request (in a thread).
+        http = openai.DefaultAioHttpClient(
+            limits=limits, follow_redirects=False, timeout=self.timeout_s, trust_env=False, proxy=_proxy_for(parts)
+        )
+        headers = {}
+        if parts.username or parts.password:  # like httpx: credentials in the URL become Basic auth
+            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        client = _SDKClient(
+            api_key=key or PLACEHOLDER_KEY,
+            base_url=_without_userinfo(self.base_url),
+            max_retries=self.max_retries,
+            timeout=self.timeout_s,
+            http_client=http,
+            default_headers=headers or None,
+        )
+        client._meter = self._meter
+        return client
 
     def __repr__(self) -> str:
         return (
@@ -357,6 +511,15 @@ class OpenAICompatible:
         """What the probe found (None before it ran or when unsupported)."""
         return self._echo_format
 
+    @property
+    def sdk(self) -> openai.AsyncOpenAI:
+        """The SDK client (for the Batch API: files and batches), used on ``run_async``'s loop."""
+        return self._client
+
+    def run_async(self, coroutine: Awaitable):
+        """Run a coroutine on this client's loop (where ``sdk`` lives) and wait for its result."""
+        return self._run(coroutine)
+
     # --- plumbing --------------------------------------------------------------------------------
 
     def _submit(self, coroutine: Awaitable) -> concurrent.futures.Future:
@@ -384,65 +547,60 @@ class OpenAICompatible:
     # --- one request with retries ----------------------------------------------------------------
 
     async def _call(self, endpoint: str, params: dict[str, Any], parse: Callable[[dict], Any]) -> Any:
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
-            async with self._semaphore:
-                self._check_budget()
-                self.usage["calls"] += 1
-                if attempt:
-                    self.usage["retries"] += 1
+        """One request through the SDK (its retries for HTTP faults), plus retries of malformed
+        answers, all within ``max_retries + 1`` attempts; the parsed answer, or ``LLMRequestError``."""
+        call = _Attempts(self.max_retries + 1)
+        token = _CURRENT_CALL.set(call)
+        try:
+            while True:
                 try:
-                    data = await self._post(endpoint, params)
+                    data = await self._send(endpoint, params)
                     result = parse(data)
-                    self._account(data, params, result)
-                    return result
-                except (aiohttp.ClientError, OSError, _StatusError, _Malformed) as exc:  # TimeoutError is an OSError
-                    failure = _classify(exc)
-            self.faults[failure.kind] += 1
-            message = self._scrub(failure.message)
-            if not failure.retryable or attempt == attempts - 1:
-                tried = f" after {attempt + 1} attempts" if attempt else ""
-                raise LLMRequestError(
-                    f"{failure.kind}{tried} from {endpoint} endpoint of {self.model_name}: {message}",
-                    failure.kind,
-                    failure.status_code,
-                    attempt + 1,
-                ) from None
-            delay = self._delay(attempt, failure.retry_after)
-            log.info("%s: %s (attempt %d of %d), retrying in %.2fs", self.model_name, failure.kind, attempt + 1, attempts, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+                except _Malformed as exc:
+                    self._meter.fault("malformed")
+                    if call.count >= call.limit:
+                        raise self._failure(endpoint, "malformed", None, str(exc), call.count) from None
+                    delay = self._meter.delay(call.count - 1, None)
+                    log.info("%s: malformed (attempt %d), retrying in %.2fs", self.model_name, call.count, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                except openai.APIStatusError as exc:
+                    code, message = _error_detail(exc.response.content)
+                    status = exc.status_code
+                    text = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+                    if 300 <= status < 400:
+                        text += " (redirects are not followed: the key goes to base_url only)"
+                    kind = call.last_kind or _status_kind(status, exc.response.content)
+                    raise self._failure(endpoint, kind, status, text, call.count) from None
+                except openai.APIConnectionError as exc:  # APITimeoutError is one
+                    kind = call.last_kind if call.last_kind in ("timeout", "connection") else _transport_kind(exc.__cause__ or exc)
+                    cause = exc.__cause__.__cause__ if exc.__cause__ is not None and exc.__cause__.__cause__ is not None else exc.__cause__
+                    message = "no answer in time" if kind == "timeout" else f"connection failed ({type(cause or exc).__name__})"
+                    raise self._failure(endpoint, kind, None, message, call.count) from None
+                self._account(data, params, result)
+                return result
+        finally:
+            _CURRENT_CALL.reset(token)
 
-    async def _post(self, endpoint: str, params: dict[str, Any]) -> dict:
-        """One attempt: the JSON answer of a 2xx, else ``_StatusError`` (redirects not followed)."""
-        async with self._session.post(
-            self._urls[endpoint],
-            data=json.dumps(params).encode(),
-            allow_redirects=False,
-            proxy=self._proxy,
-            timeout=self._timeout,
-        ) as response:
-            content = await response.read()
-            status = response.status
-            if not 200 <= status < 300:
-                raise _StatusError(status, _error_body(content), response.headers)
-        return _json_object(content)
+    async def _send(self, endpoint: str, params: dict[str, Any]) -> dict:
+        """One SDK call (with its retries): the answer's JSON object, or ``_Malformed``.
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:  # the server knows best; a little jitter spreads the crowd
-            return min(retry_after, max(self.backoff_max_s, 60.0)) * self._random.uniform(1.0, 1.1)
-        return min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * self._random.uniform(0.5, 1.0)
+        Through the SDK's generic ``post`` (its route for raw requests: same retries, errors and
+        headers as ``chat.completions.create``): the typed ``create`` first walks the params
+        through its TypedDict transform, 1.2 of its 1.9 ms of CPU per explainer request
+        (BENCHMARKS.md section 4), which for plain JSON params changes nothing. ``extra_body`` is
+        merged into the body, as the SDK's ``extra_body`` does."""
+        body = {**params, **self.extra_body} if self.extra_body else params
+        response = await self._client.post(_PATHS[endpoint], body=body, cast_to=httpx2.Response)
+        return _json_object(response.content)
 
-    def _check_budget(self) -> None:
-        spent = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
-        if self.budget_tokens is not None and spent >= self.budget_tokens:
-            self.faults["budget_exceeded"] += 1
-            raise BudgetExceeded(f"token budget spent: {int(spent)} of {self.budget_tokens} tokens used by {self.model_name}")
-        if self.budget_usd is not None and self.usage["usd"] >= self.budget_usd:
-            self.faults["budget_exceeded"] += 1
-            raise BudgetExceeded(f"dollar budget spent: ${self.usage['usd']:.4f} of ${self.budget_usd:.4f} used by {self.model_name}")
+    def _failure(self, endpoint: str, kind: str, status: int | None, message: str, attempts: int) -> LLMRequestError:
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
+        return LLMRequestError(
+            f"{kind}{tried} from {endpoint} endpoint of {self.model_name}: {self._scrub(message)}", kind, status, max(1, attempts)
+        )
 
-    def _account(self, data: dict, params: dict, result: Any) -> None:
+    def _account(self, data: dict, params: dict, result: Any, price_factor: float = 1.0) -> None:
         usage = data.get("usage")
         prompt_tokens = completion_tokens = None
         if isinstance(usage, dict):
@@ -454,13 +612,30 @@ class OpenAICompatible:
             prompt_tokens, completion_tokens = prompt_chars // 4 + 1, completion_chars // 4 + 1
         self.usage["prompt_tokens"] += int(prompt_tokens)
         self.usage["completion_tokens"] += int(completion_tokens)
-        self.usage["usd"] += (
+        self.usage["usd"] += price_factor * (
             prompt_tokens * self.usd_per_million_prompt + completion_tokens * self.usd_per_million_completion
         ) / 1e6
 
+    def _logprobs_cap(self, exc: LLMRequestError, asked: int) -> int | None:
+        """The server's logprobs maximum when ``exc`` is a 400 refusing ``asked`` of them (counted
+        as ``logprobs_capped``, not as a client error), else None."""
+        if exc.status_code not in (400, 422) or "logprob" not in str(exc).lower():
+            return None
+        found = [int(m) for m in _LOGPROBS_CAP.findall(str(exc))]
+        cap = next((n for n in found if 0 < n < asked), None)
+        if cap is None:
+            return None
+        self.faults["client_error"] -= 1
+        if self.faults["client_error"] <= 0:
+            del self.faults["client_error"]
+        self.faults["logprobs_capped"] += 1
+        log.info("%s: the server allows at most %d logprobs (asked %d); asking for %d from now on", self.model_name, cap, asked, cap)
+        return cap
+
     # --- chat --------------------------------------------------------------------------------------
 
-    async def _chat(self, request: ChatRequest) -> ChatResponse:
+    def chat_params(self, request: ChatRequest) -> tuple[dict[str, Any], bool]:
+        """The JSON body of a chat request (without ``extra_body``), and whether it asks for logprobs."""
         params: dict[str, Any] = {
             "model": self.model_name,
             "messages": [{"role": role, "content": content} for role, content in request.messages],
@@ -473,27 +648,50 @@ class OpenAICompatible:
             params["max_completion_tokens"] = params.pop("max_tokens")
         want_logprobs = request.top_logprobs > 0 and self._chat_logprobs is not False
         if want_logprobs:
-            params.update(logprobs=True, top_logprobs=min(MAX_TOP_LOGPROBS, request.top_logprobs))
+            params.update(logprobs=True, top_logprobs=min(self.value_logprobs, request.top_logprobs))
+        return params, want_logprobs
+
+    def read_chat(self, data: Any, params: dict[str, Any], want_logprobs: bool, price_factor: float = 1.0) -> ChatResponse:
+        """A chat answer's JSON (e.g. one line of a Batch API output file) as a ``ChatResponse``,
+        its tokens accounted at ``price_factor`` times the prices; ``LLMRequestError`` (malformed)
+        when it cannot be read."""
         try:
-            return await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
-        except LLMRequestError as exc:
-            if exc.status_code not in (400, 422):
-                raise
-            if "max_tokens" in params and "max_completion_tokens" in str(exc):
-                # OpenAI's reasoning models take only the newer name; remembered for later calls.
-                params["max_completion_tokens"] = params.pop("max_tokens")
-                response = await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
-                self._max_completion_tokens = True
+            if not isinstance(data, dict):
+                raise _Malformed("the answer is not a JSON object")
+            result = self._parse_chat(data, want_logprobs)
+        except _Malformed as exc:
+            self.faults["malformed"] += 1
+            raise LLMRequestError(f"malformed answer from {self.model_name}: {exc}", "malformed") from None
+        self._account(data, params, result, price_factor)
+        return result
+
+    async def _chat(self, request: ChatRequest) -> ChatResponse:
+        params, want_logprobs = self.chat_params(request)
+        while True:
+            try:
+                return await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
+            except LLMRequestError as exc:
+                if exc.status_code not in (400, 422):
+                    raise
+                if want_logprobs and (cap := self._logprobs_cap(exc, params["top_logprobs"])) is not None:
+                    self.value_logprobs = min(self.value_logprobs, cap)
+                    params["top_logprobs"] = cap
+                    continue
+                if "max_tokens" in params and "max_completion_tokens" in str(exc):
+                    # OpenAI's reasoning models take only the newer name; remembered for later calls.
+                    params["max_completion_tokens"] = params.pop("max_tokens")
+                    response = await self._call("chat", params, lambda data: self._parse_chat(data, want_logprobs))
+                    self._max_completion_tokens = True
+                    return response
+                if not want_logprobs:
+                    raise
+                params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
+                response = await self._call("chat", params, lambda data: self._parse_chat(data, False))
+                self.faults["logprobs_rejected"] += 1
+                if self._chat_logprobs is None:
+                    log.warning("%s: the server refused chat logprobs; continuing without them", self.model_name)
+                self._chat_logprobs = False
                 return response
-            if not want_logprobs:
-                raise
-            params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
-            response = await self._call("chat", params, lambda data: self._parse_chat(data, False))
-            self.faults["logprobs_rejected"] += 1
-            if self._chat_logprobs is None:
-                log.warning("%s: the server refused chat logprobs; continuing without them", self.model_name)
-            self._chat_logprobs = False
-            return response
 
     def _parse_chat(self, data: dict, want_logprobs: bool) -> ChatResponse:
         choices = data.get("choices")
@@ -529,15 +727,22 @@ class OpenAICompatible:
     # --- prompt logprobs ---------------------------------------------------------------------------
 
     async def _echo(self, prompt: str) -> _Echo | None:
-        params = {
-            "model": self.model_name,
-            "prompt": prompt,
-            "echo": True,
-            "logprobs": self.value_logprobs,
-            "max_tokens": 1,
-            "temperature": 0.0,
-        }
-        return await self._call("completions", params, _parse_echo)
+        while True:
+            params = {
+                "model": self.model_name,
+                "prompt": prompt,
+                "echo": True,
+                "logprobs": self.value_logprobs,
+                "max_tokens": 1,
+                "temperature": 0.0,
+            }
+            try:
+                return await self._call("completions", params, _parse_echo)
+            except LLMRequestError as exc:
+                cap = self._logprobs_cap(exc, params["logprobs"])
+                if cap is None:
+                    raise
+                self.value_logprobs = min(self.value_logprobs, cap)
 
     async def _get_echo_format(self) -> EchoFormat:
         if self._echo_format is not None:
@@ -633,6 +838,8 @@ class OpenAICompatible:
                 raise outcome
         tops, prompt_tokens = outcomes[0]
         probs = np.array([_value_probabilities(top) for top in tops], dtype=np.float64).reshape(len(tops), MAX_VALUE + 1)
+        value_tokens = DIGIT_TOKENS if fmt.split_ten else VALUE_TOKENS
+        mass = np.array([captured_value_mass(top, value_tokens) for top in tops], dtype=np.float64)
         if fmt.split_ten:
             after_one, _ = outcomes[1]
             shared = probs[:, 1].copy()
@@ -642,7 +849,8 @@ class OpenAICompatible:
                 ratio = p_long / (p_long + p_end) if p_long + p_end > 0 else 0.0
                 probs[row, 1] = shared[row] * (1 - ratio)
                 probs[row, MAX_VALUE] = shared[row] * ratio
-        return SlotDistributions(probs, prompt_tokens)
+        return SlotDistributions(probs, prompt_tokens, mass)
+
 
 
 # --- helpers (module level: no access to the key) ------------------------------------------------
@@ -687,51 +895,12 @@ def _proxy_for(parts: SplitResult) -> str | None:
     return proxy
 
 
-def _transport_settings(base_url: str, key: str | None) -> tuple[str, dict[str, str], str | None]:
-    """(base URL without credentials, default headers, proxy URL or None) for ``base_url``."""
-    parts, _ = _http_url(base_url)
-    headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "neuron-pipeline"}
-    if parts.username or parts.password:  # like httpx: credentials in the URL become Basic auth
-        headers["Authorization"] = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or "")).encode()
-    else:
-        headers["Authorization"] = f"Bearer {key or PLACEHOLDER_KEY}"
-    for variable, header in (("OPENAI_ORG_ID", "OpenAI-Organization"), ("OPENAI_PROJECT_ID", "OpenAI-Project")):
-        if os.environ.get(variable):  # sent by the openai SDK too
-            headers[header] = os.environ[variable]
-    proxy = _proxy_for(parts)
-    if proxy and urlsplit(proxy).scheme not in ("http", "https"):
-        raise ConfigError(f"proxy {_without_userinfo(proxy)!r} for {parts.scheme} URLs is not supported: use an http(s) proxy")
-    return _without_userinfo(base_url), headers, proxy
-
-
-async def _open_session(base_url: str, headers: dict[str, str], concurrency: int) -> aiohttp.ClientSession:
-    """One keep-alive pool for every request of a client (created on its loop, as aiohttp wants)."""
-    ssl_context: Any = True
-    if base_url.startswith("https:"):
-        import ssl
-
-        ssl_context = ssl.create_default_context()  # the system's CAs (and SSL_CERT_FILE)
-        try:
-            import certifi  # the CAs the openai SDK used
-        except ImportError:
-            pass
-        else:
-            ssl_context.load_verify_locations(certifi.where())
-    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context)
-    return aiohttp.ClientSession(
-        connector=connector,
-        headers=headers,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,  # proxies are resolved once in _transport_settings; no .netrc look-up per request
-    )
-
-
-def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, session: aiohttp.ClientSession) -> None:
+def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: openai.AsyncOpenAI) -> None:
     if loop.is_closed():
         return
     if threading.current_thread() is not thread and thread.is_alive():
         try:
-            asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
     loop.call_soon_threadsafe(loop.stop)
@@ -760,29 +929,6 @@ def _json_object(content: bytes) -> dict:
     return data
 
 
-def _retry_after(headers) -> float | None:
-    if headers is None:
-        return None
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return max(0.0, float(milliseconds) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _error_body(content: bytes) -> Any:
     """An error answer's body: its JSON, else its text, else None."""
     text = content.decode("utf-8", "replace").strip()
@@ -794,38 +940,15 @@ def _error_body(content: bytes) -> Any:
         return text
 
 
-def _error_detail(exc: _StatusError) -> tuple[str, str]:
+def _error_detail(content: bytes) -> tuple[str, str]:
     """(error code, message) from an OpenAI-style error body."""
-    body = exc.body
+    body = _error_body(content)
     error = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(error, dict):
         return str(error.get("code") or error.get("type") or ""), str(error.get("message") or "")[:300]
     if isinstance(error, str):
         return "", error[:300]
     return "", str(body)[:300] if body is not None else ""
-
-
-def _classify(exc: Exception) -> _Failure:
-    if isinstance(exc, _Malformed):
-        return _Failure("malformed", True, None, str(exc))
-    if isinstance(exc, TimeoutError):  # before OSError, of which it is one (so are aiohttp's timeouts)
-        return _Failure("timeout", True, None, "no answer in time")
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return _Failure("connection", True, None, f"connection failed ({type(exc).__name__})")
-    if isinstance(exc, _StatusError):
-        status = exc.status
-        code, message = _error_detail(exc)
-        text = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-        if status == 429:
-            if code == "insufficient_quota":
-                return _Failure("quota_exhausted", False, status, text)
-            return _Failure("rate_limited", True, status, text, _retry_after(exc.headers))
-        if status >= 500:
-            return _Failure("server_error", True, status, text)
-        if 300 <= status < 400:
-            text += " (redirects are not followed: the key goes to base_url only)"
-        return _Failure("client_error", False, status, text)
-    return _Failure("malformed", True, None, f"unreadable answer ({type(exc).__name__})")
 
 
 def _parse_chat_logprobs(logprobs: Any) -> tuple[TokenLogprobs, ...] | None:

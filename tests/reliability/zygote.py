@@ -133,7 +133,9 @@ def _child(command: dict) -> None:
         os.dup2(devnull, 0)
         log = os.open(command["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
-        os.dup2(log, 2)
+        # stderr in its own file when the test asks for it (what a user's terminal shows apart).
+        err = os.open(command["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if command.get("err") else log
+        os.dup2(err, 2)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for key in command.get("unset", []):
             os.environ.pop(key, None)
@@ -171,7 +173,8 @@ def serve() -> None:
 
     warnings.filterwarnings("ignore")
     # Everything a pipeline run imports, without running any of it.
-    import aiohttp  # noqa: F401
+    import aiohttp  # noqa: F401 - the openai SDK's transport
+    import openai  # noqa: F401
     import dagster  # noqa: F401
     import deltalake  # noqa: F401
     import great_expectations  # noqa: F401
@@ -261,13 +264,13 @@ class Zygote:
                     self._pids.setdefault(message["id"], queue.Queue()).put(message["pid"])
 
     def spawn(self, log: Path, argv: list[str] | None = None, call: str | None = None, kwargs: dict | None = None,
-              env: dict[str, str] | None = None, unset: list[str] | None = None) -> int:
+              env: dict[str, str] | None = None, unset: list[str] | None = None, err: Path | None = None) -> int:
         with self._lock:
             self._next_id += 1
             ident = self._next_id
             answer = self._pids.setdefault(ident, queue.Queue())
         command = {"id": ident, "argv": argv, "call": call, "kwargs": kwargs or {}, "env": env or {},
-                   "unset": unset or [], "log": str(log), "cwd": str(REPO)}
+                   "unset": unset or [], "log": str(log), "err": str(err) if err else None, "cwd": str(REPO)}
         assert self.process.stdin is not None
         self.process.stdin.write((json.dumps(command) + "\n").encode())
         self.process.stdin.flush()
@@ -290,6 +293,14 @@ class Zygote:
             raise TimeoutError(f"child {pid} did not finish in {timeout} s (killed)")
         self.live.discard(pid)
         return self._exits[pid]
+
+    def signal(self, pid: int, signum: int) -> None:
+        """Send ``signum`` to one child (our own, by pid) if it is still running."""
+        if self.exit_code(pid) is None:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def kill(self, pid: int) -> None:
         """SIGKILL one child (only our own children, by pid)."""
