@@ -45,7 +45,7 @@ test: fetch browser
 dev: fetch
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# Benchmarks: writes BENCHMARKS.md in under 20 minutes on 2 CPU cores (`$(BIN)/python -m bench.run --quick` is a smoke test).
+# Benchmarks: writes BENCHMARKS.md in under 25 minutes on 2 CPU cores (`$(BIN)/python -m bench.run --quick` is a smoke test).
 bench: fetch
 	$(BIN)/python -m bench.run
 

@@ -1,6 +1,6 @@
 """Run the benchmarks and write BENCHMARKS.md.
 
-    python -m bench.run                 # full run (`make bench`), < 20 min on 2 CPU cores
+    python -m bench.run                 # full run (`make bench`), < 25 min on 2 CPU cores
     python -m bench.run --quick         # smoke test at toy sizes (writes to a temp folder)
     python -m bench.run --only lake,api # some sections
 
@@ -31,12 +31,19 @@ SECTIONS = {
     "lake": "5. Queries at full scale (GPT-2 XL-shaped lake)",
     "e2e": "6. End to end: the demo pipeline",
     "gpu": "7. GPU",
+    "outputs": "8. Output tokens and search by meaning",
+    "scorers": "9. Scorers: cost and agreement (detection, fuzzing, embedding vs simulation)",
 }
 # Execution order: the end-to-end run goes last, with whatever time is left.
-ORDER = ["capture", "layers", "simulator", "lake", "api", "e2e", "gpu"]
+ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers"]
+# Sizes of the scorers section (bench/scorer_bench.py): the demo's LLM neurons.
+SCORER_SIZES = {
+    "full": {"sequences": 400, "layers": "0,15,29", "neurons": "0-31", "llm_neurons": "0"},
+    "quick": {"sequences": 48, "layers": "0", "neurons": "0-3", "llm_neurons": "0"},
+}
 
 FULL = {
-    "budget_s": 19 * 60,
+    "budget_s": 23 * 60,
     "capture_runs": [
         # The capture-overhead target: bare vs the project's capture, on a corpus several times the
         # samples' sizes (with k close to the corpus size nearly every excerpt is copied in).
@@ -65,9 +72,15 @@ FULL = {
     # The end-to-end run is `make demo`'s pipeline as it is (demo profile, no overrides): about 3 min
     # on 2 quiet cores since the capture got cheaper.
     "e2e_config": None,
+    "outputs": {
+        "bundled_layers": "0-29",
+        "xl": {"layers": 3, "neurons": 6400, "hidden": 1600, "vocab": 50257},
+        "embed_texts": 2000,
+        "search": {"layers": 48, "neurons": 6400, "reps": 5},
+    },
     # Seconds kept for the sections after each one (a slow machine skips work rather than overrun).
-    "reserve": {"capture": 560, "layers": 470, "simulator": 380, "lake": 340, "api": 300, "e2e": 5, "gpu": 0},
-    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "e2e": 120, "gpu": 0},
+    "reserve": {"capture": 780, "layers": 690, "simulator": 600, "lake": 560, "api": 520, "outputs": 300, "e2e": 5, "gpu": 0, "scorers": 0},
+    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "outputs": 60, "e2e": 120, "gpu": 0, "scorers": 0},
 }
 
 QUICK = {
@@ -89,8 +102,14 @@ QUICK = {
     "prompt_sequences": 32,
     "lake": {"layers": 3, "neurons": 64, "record_layers": 2, "reps": 2},
     "e2e_config": "corpus:\n  max_sequences: 48\nlayers: 0-1\nneurons: 0-7\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n",
-    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
-    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "e2e", "gpu")},
+    "outputs": {
+        "bundled_layers": "0-1",
+        "xl": {"layers": 1, "neurons": 256, "hidden": 50, "vocab": 5000},
+        "embed_texts": 64,
+        "search": {"layers": 2, "neurons": 64, "reps": 2, "cli_reps": 1},
+    },
+    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers")},
+    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers")},
 }
 
 
@@ -253,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prompt_tokens(section, sequences=sizes["prompt_sequences"])
 
-    bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu}
+    def outputs(section):
+        from bench.outputs_bench import run_outputs
+
+        run_outputs(section, tmp / "outputs", sizes["outputs"])
+
+    def scorers(section):
+        from bench.scorer_bench import run_scorers
+
+        run_scorers(section, tmp / "scorers", threads=args.threads, **SCORER_SIZES["quick" if args.quick else "full"])
+
+    bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu,
+              "outputs": outputs, "scorers": scorers}
     results: dict[str, Section] = {}
     interrupted: list[str] = []
 

@@ -14,9 +14,12 @@ import polars as pl
 from data_quality import (
     activation_records,
     corpus_tokens,
+    explanation_embeddings,
     explanations,
     layer_summary,
     neuron_activations,
+    neuron_output_tokens,
+    scorer_results,
     scores,
     simulations,
 )
@@ -29,7 +32,10 @@ _MODULES = {
     "explanations": explanations,
     "simulations": simulations,
     "scores": scores,
+    "scorer_results": scorer_results,
     "layer_summary": layer_summary,
+    "neuron_output_tokens": neuron_output_tokens,
+    "explanation_embeddings": explanation_embeddings,
 }
 
 # Table name -> suite builder: ``build_suite(params, layers=()) -> gx.ExpectationSuite``.

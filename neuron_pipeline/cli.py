@@ -313,7 +313,7 @@ def _preflight(settings) -> None:
 
     for table in SCHEMAS:  # on object storage this is also the check that the lake can be reached
         check_table_schema(settings.lake_location, table)
-    for llm_settings in [*settings.explainers, *settings.simulators]:
+    for llm_settings in [*settings.explainers, *settings.simulators, *settings.scorer_entries]:
         check_llm_settings(llm_settings)
 
 
@@ -352,6 +352,7 @@ def _print_summary(settings, layers: list[int]) -> None:
             (row["best_explanation"] or "")[:60],
         )
     console.print(table)
+    _print_scorer_summary(console, settings, layers)
     # Explainer cost repeats on every simulator row of its pair: count it once per explainer.
     per_explainer = summary.unique(["layer", "explainer_id"])
     tokens = {
@@ -367,11 +368,80 @@ def _print_summary(settings, layers: list[int]) -> None:
     )
     console.print(f"lake:   {settings.lake_location}")
     console.print(f"query:  neuron-pipeline query \"select * from layer_summary\" --lake {settings.lake_location}")
+    from neuron_pipeline.lake import table_exists
+
+    if table_exists(settings.lake_location, "explanation_embeddings"):
+        console.print(f"search: neuron-pipeline search \"names of people\" --lake {settings.lake_location}")
     from neuron_pipeline.viewer import default_viewer_dir
 
     viewer_index = default_viewer_dir(settings.lake_location) / "index.html"
     if viewer_index.is_file():
         console.print(f"viewer: {viewer_index}")
+
+
+def _scorer_summary(lake, layers: list[int]):
+    """Per layer, explainer and scorer: neurons scored, mean score, null scores, failed groups, tokens."""
+    import polars as pl
+
+    from neuron_pipeline.lake import read_table
+
+    rows = read_table(lake, "scorer_results", where={"layer": [str(layer) for layer in layers]})
+    return (
+        rows.group_by("layer", "explainer_id", "method", "scorer_id")
+        .agg(
+            neurons=pl.len(),
+            mean_score=pl.col("score").mean(),
+            null_scores=pl.col("score").is_null().sum(),
+            failed_groups=pl.col("failed_groups").sum(),
+            tokens=(pl.col("prompt_tokens") + pl.col("completion_tokens")).sum(),
+        )
+        .with_columns(pl.col("layer").cast(pl.Int64))
+        .sort("layer", "explainer_id", "method")
+    )
+
+
+def _print_scorer_summary(console, settings, layers: list[int]) -> None:
+    """Detection / fuzzing / embedding scores of the run's layers (README: what each score means)."""
+    from rich.table import Table
+
+    summary = _scorer_summary(settings.lake_location, layers)
+    if summary.is_empty():
+        return
+    table = Table(title="scorers (detection, fuzzing: balanced accuracy; embedding: AUROC; 0.5 = chance)")
+    for column in ("layer", "explainer", "scorer", "neurons", "mean score", "null", "failed groups", "tokens"):
+        table.add_column(column)
+    for row in summary.iter_rows(named=True):
+        table.add_row(
+            str(row["layer"]),
+            row["explainer_id"],
+            row["scorer_id"],
+            str(row["neurons"]),
+            "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}",
+            str(row["null_scores"]),
+            str(row["failed_groups"]),
+            f"{row['tokens']:,}",
+        )
+    console.print(table)
+
+
+def _scorer_lines(rows) -> list[str]:
+    """One line per scorer result of one explanation, for `show`."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for r in rows.sort("method").iter_rows(named=True):
+        if r["method"] == "embedding":
+            line = f"  {r['method']} ({r['scorer_model']}): AUROC {fmt(r['auroc'])} on {r['n_judged']} excerpts"
+        else:
+            line = (
+                f"  {r['method']} ({r['scorer_model']}): balanced accuracy {fmt(r['balanced_accuracy'])} "
+                f"(F1 {fmt(r['f1'])}, AUROC {fmt(r['auroc'])}; {r['n_judged']} of {len(r['labels'] or [])} excerpts judged"
+                + (f", {r['failed_groups']} failed groups" if r["failed_groups"] else "")
+                + f"; {r['prompt_tokens'] + r['completion_tokens']:,} tokens)"
+            )
+        if r["null_reason"]:
+            line += f" [{r['null_reason']}]"
+        lines.append(line)
+    return lines
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -392,6 +462,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     console.print(f"[bold]layer {args.layer} neuron {args.neuron}[/bold]  ({records['model'][0]})")
     explanations = read_table(lake, "explanations", where=where)
     scores = read_table(lake, "scores", where=where)
+    scorer_rows = read_table(lake, "scorer_results", where=where)
     for row in explanations.iter_rows(named=True):
         console.print(f"\n[bold]{row['explainer_id']}[/bold] ({row['explainer_model']}): {row['explanation'] or row['error']}")
         for s in scores.filter(scores["explainer_id"] == row["explainer_id"]).iter_rows(named=True):
@@ -401,6 +472,9 @@ def cmd_show(args: argparse.Namespace) -> int:
                 f"(top {fmt(s['score_top'])}, random {fmt(s['score_random'])})"
                 + (f" [{s['null_reason']}]" if s["null_reason"] else "")
             )
+        for line in _scorer_lines(scorer_rows.filter(scorer_rows["explainer_id"] == row["explainer_id"])):
+            console.print(line)
+    _print_output_tokens(console, lake, where)
     top = records.filter(records["kind"] == "top").sort("rank").head(args.excerpts)
     max_activation = max(float(top["max_activation"].max() or 0.0), 1e-9)
     console.print(f"\n[bold]top {top.height} excerpts[/bold] (max activation {max_activation:.3f})")
@@ -411,6 +485,54 @@ def cmd_show(args: argparse.Namespace) -> int:
             shade = int(255 - 200 * strength)
             line.append(token.replace("\n", "⏎"), style=f"on rgb(255,{shade},{shade})" if strength > 0.05 else "")
         console.print(line)
+    return 0
+
+
+# Output tokens shown per direction by `show` (the table keeps more).
+SHOWN_OUTPUT_TOKENS = 10
+
+
+def _print_output_tokens(console, lake, where: dict) -> None:
+    """The neuron's promoted and suppressed tokens (neuron_output_tokens), when computed."""
+    from rich.markup import escape
+
+    from neuron_pipeline.lake import read_table
+
+    rows = read_table(lake, "neuron_output_tokens", where=where)
+    if rows.is_empty():
+        return
+    row = rows.row(0, named=True)
+    for label, tokens, logits in (
+        ("promotes", row["promoted_tokens"], row["promoted_logits"]),
+        ("suppresses", row["suppressed_tokens"], row["suppressed_logits"]),
+    ):
+        shown = ", ".join(
+            f"{escape(repr(token))} {logit:+.2f}" for token, logit in list(zip(tokens, logits))[:SHOWN_OUTPUT_TOKENS]
+        )
+        console.print(f"\n[bold]{label}[/bold] (logit weight): {shown}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The explanations nearest in meaning to a query, with their neurons and scores."""
+    import polars as pl
+
+    from neuron_pipeline.config import parse_index_spec
+    from neuron_pipeline.lake.search import search
+
+    settings = _settings(args)
+    layers = parse_index_spec(args.layers, 1 << 20, "layer") if args.layers else None
+    hits = search(settings.lake_location, args.text, layers=layers, top=args.top)
+    frame = hits.select(
+        "rank",
+        pl.col("similarity").round(3),
+        "layer",
+        "neuron",
+        pl.col("score").round(3),
+        "explainer_id",
+        "explanation",
+    )
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=100, tbl_width_chars=220, tbl_hide_dataframe_shape=True):
+        print(frame)
     return 0
 
 
@@ -461,6 +583,59 @@ def cmd_viewer(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write the viewer to {out}: {exc}") from None
     print(f"wrote {summary.pages} pages ({summary.layers} layers, {summary.neurons} neurons) to {summary.out_dir}")
     print(f"viewer: {summary.index}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per layer and stage: materialized, stale, failed or stopped, and the LLM spend so far."""
+    import dagster as dg
+    from rich.console import Console
+    from rich.table import Table
+
+    from neuron_pipeline.assets.status import LAYER_STAGES, pipeline_status
+    from neuron_pipeline.lake import SCHEMAS, table_exists
+
+    settings = _settings(args)
+    lake = settings.lake_location
+    _check_lake_folder(lake)
+    if not any(table_exists(lake, table) for table in SCHEMAS):
+        raise UserError(f"no lake tables in {lake}: run `neuron-pipeline run` first, or point --lake at a lake")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    try:
+        status = pipeline_status(settings, instance)
+    finally:
+        if instance is not None:
+            instance.dispose()
+    if args.layers is not None and args.layers.strip().lower() != "all":
+        from neuron_pipeline.config import parse_index_spec
+
+        wanted = {str(layer) for layer in parse_index_spec(args.layers, 1 << 20, "layer")}
+        status.layers = [layer for layer in status.layers if layer.layer in wanted]
+    console = Console(width=max(Console().width, 120), highlight=False)
+    marks = {"complete": "", "stale": "STALE ", "failed": "FAILED ", "stopped": "STOPPED ", "missing": "-"}
+    table = Table(title=f"neuron-pipeline status: {lake}")
+    for column in ("layer", *[stage.replace("_", " ") for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):
+        table.add_column(column)
+    for layer in status.layers:
+        cells = [marks[s.state] + s.detail if s.state != "missing" else "-" for s in layer.stages.values()]
+        usd = "n/a" if layer.llm_usd is None else f"{layer.llm_usd:.4f}"
+        table.add_row(layer.layer, *cells, f"{layer.llm_tokens:,}", usd)
+    console.print(table)
+    for layer in status.layers:
+        for stage, stage_status in layer.stages.items():
+            if stage_status.why:
+                console.print(f"layer {layer.layer} {stage} {stage_status.state}: {stage_status.why}", soft_wrap=True)
+    total_usd = [layer.llm_usd for layer in status.layers]
+    stored = "n/a (a model no longer configured)" if None in total_usd else f"${sum(total_usd):.4f}"
+    console.print(f"LLM spend in the lake: {sum(layer.llm_tokens for layer in status.layers):,} tokens stored with the rows, {stored} at the configured prices", soft_wrap=True)
+    if status.runs_usd is not None:
+        console.print(f"LLM spend recorded by {status.runs_counted} runs: {status.runs_tokens:,} new tokens, ${status.runs_usd:.4f} (stopped runs record none)", soft_wrap=True)
+    console.print(status.instance_note, soft_wrap=True)
+    todo = {layer.layer: layer.todo() for layer in status.layers if layer.todo()}
+    if todo:
+        console.print("next `neuron-pipeline run` of these layers redoes: " + "; ".join(f"layer {k}: {', '.join(v)}" for k, v in todo.items()), soft_wrap=True)
+    else:
+        console.print("every layer in the lake is complete and up to date")
     return 0
 
 
@@ -532,10 +707,23 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--limit", type=int, default=50, help="rows to print")
     query.set_defaults(func=cmd_query)
 
+    find = sub.add_parser("search", help="find neurons whose explanations are nearest in meaning to a text")
+    _common(find)
+    find.add_argument("text", help='what to look for, e.g. "money and prices"')
+    find.add_argument("--layers", help="only these layers: '3', '0,3' or '0-5' (default: all)")
+    find.add_argument("--top", type=int, default=10, help="results to print (default 10)")
+    find.set_defaults(func=cmd_search)
+
     viewer = sub.add_parser("viewer", help="write the static HTML neuron viewer for the lake")
     _common(viewer)
     viewer.add_argument("--out", help="output folder (default: a `viewer` folder next to the lake)")
     viewer.set_defaults(func=cmd_viewer)
+
+    status = sub.add_parser("status", help="per layer and stage: materialized, stale, failed; LLM spend so far")
+    _common(status)
+    status.add_argument("--layers", help="only these layers (default: every layer in the lake)")
+    status.add_argument("--neurons", help="as given to `run` (the neuron selection is part of the capture's recipe)")
+    status.set_defaults(func=cmd_status)
 
     fetch = sub.add_parser("fetch", help="prepare the offline default model and corpus")
     fetch.add_argument("--model", default="smollm2-135m-instruct")
@@ -555,6 +743,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from neuron_pipeline.corpus import CorpusError
     from neuron_pipeline.interp.prompts import PromptTemplateError
     from neuron_pipeline.lake import LakeError
+    from neuron_pipeline.lake.search import SearchError
+    from neuron_pipeline.llm.embeddings import EmbeddingModelError
     from neuron_pipeline.llm.openai_api import PromptLogprobsUnsupported
     from neuron_pipeline.subject import NonFiniteActivationsError, SubjectLoadError, UnsupportedModelError
 
@@ -563,6 +753,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         CorpusError,
         LakeError,
+        SearchError,
+        EmbeddingModelError,
         PromptTemplateError,
         PromptLogprobsUnsupported,
         SubjectLoadError,

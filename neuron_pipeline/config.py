@@ -176,6 +176,39 @@ class ExplainerSettings(_LLMSettings):
     # records; and/or revise once after seeing the worst-simulated excerpts.
     best_of: int = Field(1, ge=1, le=16)
     revise: bool = False
+    # Contrastive explanations: also show `negatives` quiet excerpts (hard negatives first) from the
+    # held-out random sample, with prompts/explainer_contrastive_v1.txt when `prompt` is left at
+    # its default (a template of one's own needs {records} and {negatives}). Its own explainer id.
+    contrastive: bool = False
+    negatives: int = Field(4, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _contrastive_alone(self):
+        if self.contrastive and self.backend == "baseline":
+            raise ValueError("contrastive explanations need an LLM: set backend to local or openai")
+        if self.contrastive and (self.best_of > 1 or self.revise):
+            raise ValueError("contrastive cannot be combined with best_of or revise yet: use a separate explainer entry")
+        if self.contrastive and self.output_tokens:
+            raise ValueError("contrastive cannot be combined with output_tokens yet: use a separate explainer entry")
+        return self
+
+    # Output-aware: the prompt also shows the tokens the neuron promotes / suppresses
+    # (neuron_output_tokens); its default template is explainer_outputs_v1 ({records} and
+    # {output_tokens}). Needs an LLM backend.
+    output_tokens: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_aware_prompt(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("output_tokens") is True and not data.get("prompt"):
+            return {**data, "prompt": "explainer_outputs_v1"}
+        return data
+
+    @model_validator(mode="after")
+    def _output_tokens_need_an_llm(self) -> "ExplainerSettings":
+        if self.output_tokens and self.backend == "baseline":
+            raise ValueError("output_tokens needs an LLM explainer: set backend to local or openai")
+        return self
 
 
 class SimulatorSettings(_LLMSettings):
@@ -193,6 +226,63 @@ class SimulatorSettings(_LLMSettings):
                 "batch: true runs chat requests only: use mode top_logprobs or integers (prompt logprobs need the online API)"
             )
         return self
+
+
+from neuron_pipeline.interp.classification import ACTIVATING_MIN, QUIET_MAX  # noqa: E402 - the method's defaults
+
+ScorerMethod = Literal["detection", "fuzzing", "embedding"]
+
+
+class ScorerSettings(_LLMSettings):
+    """A classification scorer of explanations (README "Detection, fuzzing and embedding scores"):
+    detection or fuzzing with a chat model (backend local or openai, like a simulator entry), or
+    embedding with the offline all-MiniLM-L6-v2 (no backend)."""
+
+    method: ScorerMethod
+    # A shipped template (default detection_v1 / fuzzing_v1) or the path of one's own .txt
+    # holding {explanation} and {excerpts}.
+    prompt: str | None = None
+    group_size: int = Field(5, ge=1, le=50, description="excerpts per request")
+    activating: int = Field(10, ge=1, le=200, description="activating excerpts judged per explanation")
+    non_activating: int = Field(10, ge=0, le=200, description="non-activating excerpts judged per explanation")
+    # Fractions of the neuron's top activation: an excerpt activates at or above activating_min,
+    # is non-activating below quiet_max; excerpts in between are not judged.
+    activating_min: float = Field(ACTIVATING_MIN, gt=0, le=1)
+    quiet_max: float = Field(QUIET_MAX, gt=0, le=1)
+    logprobs: bool = Field(True, description="ask for top_logprobs: p(yes) gives an AUROC")
+    answer_retries: int = Field(2, ge=0, le=5, description="re-asks of a group whose reply is malformed")
+
+    @model_validator(mode="after")
+    def _backend_fits_method(self):
+        if self.quiet_max > self.activating_min:
+            raise ValueError(f"quiet_max={self.quiet_max} is above activating_min={self.activating_min}: lower quiet_max")
+        if self.method == "embedding" and self.backend != "baseline":
+            raise ValueError("the embedding scorer runs the offline all-MiniLM-L6-v2: remove `backend` from it")
+        if self.method != "embedding" and self.backend == "baseline":
+            raise ValueError(f"the {self.method} scorer needs a chat model: set backend to local or openai")
+        return self
+
+    @property
+    def template(self) -> str:
+        return self.prompt or f"{self.method}_v1"
+
+
+# What a derived detection / fuzzing scorer copies from an LLM simulator (or explainer) entry.
+_SCORER_BACKEND_FIELDS = set(_LLMSettings.model_fields)
+
+
+def default_scorers(simulators: list["SimulatorSettings"], explainers: list["ExplainerSettings"]) -> list[ScorerSettings]:
+    """Without a `scorers:` section: the embedding scorer on every explanation, and detection and
+    fuzzing with each LLM simulator's backend (else each LLM explainer's), on its layers and neurons."""
+    entries = [ScorerSettings(method="embedding")]
+    llms = [s for s in simulators if s.backend != "baseline"] or [e for e in explainers if e.backend != "baseline"]
+    backends: list[dict] = []
+    for llm in llms:  # one pair per distinct backend (a plain and a contrastive explainer share one)
+        backend = llm.model_dump(include=_SCORER_BACKEND_FIELDS)
+        if backend not in backends:
+            backends.append(backend)
+            entries += [ScorerSettings(method="detection", **backend), ScorerSettings(method="fuzzing", **backend)]
+    return entries
 
 
 class KubernetesSettings(_Section):
@@ -252,6 +342,8 @@ class Settings(_Section):
     neurons: str = "all"
     explainers: list[ExplainerSettings] = Field(default_factory=lambda: [ExplainerSettings()], min_length=1)
     simulators: list[SimulatorSettings] = Field(default_factory=lambda: [SimulatorSettings()], min_length=1)
+    # Detection / fuzzing / embedding scorers; unset: see `default_scorers` (`[]`: none).
+    scorers: list[ScorerSettings] | None = None
     # A local folder, or object storage: s3://bucket/prefix, gs://bucket/prefix,
     # az://container/prefix, abfss://container@account.dfs.core.windows.net/prefix.
     lake: str = "./lake"
@@ -292,6 +384,11 @@ class Settings(_Section):
                 "remove lake_volume_claim (step pods reach an object-store lake directly)"
             )
         return self
+
+    @property
+    def scorer_entries(self) -> list[ScorerSettings]:
+        """The scorers that run: the `scorers:` section, or the defaults derived from the LLM entries."""
+        return list(self.scorers) if self.scorers is not None else default_scorers(self.simulators, self.explainers)
 
     @property
     def lake_location(self) -> "Lake":

@@ -11,7 +11,19 @@ from pathlib import Path
 
 import dagster as dg
 
-from neuron_pipeline.assets import automation, capture, corpus, explanations, scores, simulations, summary, viewer
+from neuron_pipeline.assets import (
+    automation,
+    capture,
+    corpus,
+    embeddings,
+    explanations,
+    output_tokens,
+    scorers,
+    scores,
+    simulations,
+    summary,
+    viewer,
+)
 from neuron_pipeline.assets.deployment import executor_for, gpu_op_tags
 from neuron_pipeline.assets.jobs import build_jobs
 from neuron_pipeline.assets.partitions import layer_partitions
@@ -66,9 +78,12 @@ def build_definitions(
     gpu_tags = gpu_op_tags(settings)
     layer_assets = [
         capture.build(partitions, op_tags=gpu_tags),
+        output_tokens.build(partitions, op_tags=gpu_tags),
         explanations.build(partitions, op_tags=gpu_tags),
+        embeddings.build(partitions),
         simulations.build(partitions, op_tags=gpu_tags),
         scores.build(partitions),
+        scorers.build(partitions, op_tags=gpu_tags),
         summary.build(partitions),
     ]
     assets = [corpus.corpus_tokens, *layer_assets, viewer.neuron_viewer]

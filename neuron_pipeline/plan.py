@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import LLMExplainer
+from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import escape_token
 from neuron_pipeline.interp.records import ActivationRecord, NeuronRecord, split_records
 from neuron_pipeline.interp.simulator import AllAtOnceSimulator, ChatSimulator, excerpt_suffix
@@ -201,6 +202,8 @@ class _Named:
 
 
 _PLACEHOLDER_EXPLANATION = "words about a character's feelings, and the names of people in the story"
+# An output-aware explainer's prompt also lists 10 promoted and 10 suppressed tokens.
+_PLACEHOLDER_OUTPUTS = OutputTokens.of([" pounds", " sterling", " per", " a", " year"] * 2, [" the", " of", " and", " to", " in"] * 2)
 
 
 def _simulation_mode(entry: SimulatorSettings) -> str:
@@ -245,7 +248,10 @@ def make_plan(
         if explainer.backend == "baseline":
             plan.stages.append(_stage("explain", label, label, explainer, "none", n, 0, 0, 0, latency_s))
         else:
-            requests = [LLMExplainer(_Named(label), explainer.prompt, max_tokens=explainer.max_tokens).request(s.explain) for s in splits]
+            llm = LLMExplainer(_Named(label), explainer.prompt, max_tokens=explainer.max_tokens,
+                               output_tokens=explainer.output_tokens)
+            outputs = _PLACEHOLDER_OUTPUTS if explainer.output_tokens else None
+            requests = [llm.request(s.explain, outputs=outputs) for s in splits]
             prompt = _mean([chat_tokens(r.messages, count) for r in requests])
             calls_per_neuron = 1 + (1 if explainer.revise else 0)
             completions = explainer.best_of + (1 if explainer.revise else 0)

@@ -67,6 +67,7 @@ FAULTS = {
     "no_choices": "200 with 'choices': []",
     "empty_content": "200 with an empty completion text",
     "no_logprobs": "200 without logprobs although they were asked for",
+    "garbled": "200 with a yes/no judgement that skips an excerpt (malformed for detection / fuzzing)",
 }
 
 LOGPROBS_MODES = ("full", "openai", "none", "generated_only", "shifted")
@@ -337,6 +338,8 @@ class FakeOpenAIServer:
         content = chat_content(messages)
         if fault == "empty_content":
             content = ""
+        if fault == "garbled":
+            content = "1: yes\nI am not sure about the others."
         n = int(body.get("n") or 1)
         tokens = tokenize(content, split_digits=False)
         choices = []
@@ -441,6 +444,8 @@ def _chat_logprobs(tokens: list[str], k: int) -> list[dict]:
     for token in tokens:
         if after_tab and token.isdigit() and int(token) <= 10:
             alternatives = chat_value_logprobs(int(token))
+        elif token.strip() in ("yes", "no"):
+            alternatives = judgement_logprobs(token)
         else:
             alternatives = {token: math.log(0.9), "?": math.log(0.05)}
         after_tab = token.endswith("\t")
@@ -456,10 +461,49 @@ def _chat_logprobs(tokens: list[str], k: int) -> list[dict]:
     return entries
 
 
+JUDGED_LINE = re.compile(r"^(\d+): (.*)$")
+_MARKED = re.compile(r"<<(.*?)>>")
+
+
+def judgement_logprobs(token: str) -> dict[str, float]:
+    """Top logprobs at a generated yes/no: 80% the answer given, 20% the other one."""
+    other = token.replace("yes", "no") if "yes" in token else token.replace("no", "yes")
+    return {token: math.log(0.8), other: math.log(0.2)}
+
+
+def explanation_keys(explanation: str) -> set[str]:
+    """What the fake judge looks for: the quoted tokens of an explanation, else its longer words."""
+    quoted = re.findall(r'"([^"]+)"', explanation)
+    words = quoted or re.findall(r"[A-Za-z]{4,}", explanation)
+    return {w.strip().lower() for w in words if w.strip()}
+
+
+def judgement(prompt: str) -> str:
+    """The fake detection / fuzzing judge: "N: yes" when an excerpt (for fuzzing: a marked span)
+    holds a word the explanation names, else "N: no"."""
+    explanation = re.findall(r"Explanation: the neuron fires on (.*)", prompt)[-1]
+    keys = explanation_keys(explanation)
+    listing = prompt.rsplit("Excerpts:\n", 1)[1]
+    lines = []
+    for line in listing.splitlines():
+        match = JUDGED_LINE.match(line)
+        if not match:
+            continue
+        marked = _MARKED.findall(match.group(2))
+        text = " ".join(marked) if marked else match.group(2)
+        words = {w.lower() for w in re.findall(r"[A-Za-z0-9']+", text)}
+        lines.append(f"{match.group(1)}: {'yes' if words & keys else 'no'}")
+    return "\n".join(lines)
+
+
 def chat_content(messages: list[dict]) -> str:
-    """What the fake assistant answers: simulator prompts get "token<TAB>value" lines, anything
-    else an explanation naming the highest-valued token of the last excerpt listing."""
+    """What the fake assistant answers: simulator prompts get "token<TAB>value" lines, detection
+    and fuzzing prompts (also when re-asked) a yes/no line per excerpt, anything else an explanation
+    naming the highest-valued token of the last excerpt listing."""
     users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+    judged = [u for u in users if "Explanation: the neuron fires on" in u and "\nExcerpts:\n" in u]
+    if judged:
+        return judgement(judged[-1])
     last = users[-1] if users else ""
     if "Rewrite the" in last and "<start>\n" in last:
         listing = last.rsplit("<start>\n", 1)[1].split("\n<end>", 1)[0]
@@ -472,9 +516,12 @@ def chat_content(messages: list[dict]) -> str:
         token, tab, value = line.rpartition("\t")
         if tab and value.strip().isdigit() and int(value) > best_value:
             best, best_value = token, int(value)
+    # An output-aware prompt (explainer_outputs_v1) also lists the tokens the neuron promotes.
+    promoted = re.findall(r'^Promotes: "((?:[^"\\]|\\.)*)"', last, flags=re.M)
+    promotes = f', and it makes the model say "{promoted[-1].strip()}"' if promoted else ""
     if best is None:
-        return " things mentioned in the prompt."
-    return f' the word "{best.strip()}" and words like it.'
+        return f" things mentioned in the prompt{promotes}."
+    return f' the word "{best.strip()}" and words like it{promotes}.'
 
 
 def _multipart(content_type: str, data: bytes) -> dict[str, Any]:

@@ -91,3 +91,18 @@ def test_failing_section_is_reported():
     report = render([section], {"cpu": "c", "cores": "2", "ram": "1", "cuda": "False", "torch_threads": "1", "python": "3"},
                     None, __import__("datetime").datetime.now(), 1.0, "0", "0", quick=True)
     assert "This section failed" in report and "no model here" in report
+
+
+def test_output_tokens_and_search_bench_tiny(tmp_path):
+    """The output-tokens section's random GPT-2 config and its synthetic search lake, at toy sizes:
+    the search over the synthetic lake answers through `search()` and the CLI."""
+    from bench.common import Section
+    from bench.outputs_bench import _output_tokens_xl, _search
+
+    section = Section("outputs", "outputs")
+    _output_tokens_xl(section, layers=1, neurons=64, hidden=50, vocab=500)
+    _search(section, tmp_path, layers=2, neurons=16, reps=1, cli_reps=1)
+    metrics = [row.metric for row in section.rows]
+    assert any("random GPT-2 XL config" in m for m in metrics)
+    assert any("search over 32 explanations" in m for m in metrics)
+    assert section.data["search"]["explanations"] == 32 and len(section.data["search"]["cli_s"]) == 1

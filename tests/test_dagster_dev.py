@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 240
-LAYER_ASSETS = ["neuron_activations", "activation_records", *jobs.EXPLAIN_ASSETS]
+LAYER_ASSETS = [*jobs.CAPTURE_ASSETS, *jobs.EXPLAIN_ASSETS]
 SMALL = "corpus:\n  max_sequences: 48\nlayers: '0-1'\nneurons: '0-7'\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n"
 
 ASSETS_QUERY = """

@@ -231,7 +231,36 @@ VALID = {
     "simulations": simulations_frame,
     "scores": scores_frame,
     "layer_summary": summary_frame,
+    "neuron_output_tokens": lambda: output_tokens_frame(),
+    "explanation_embeddings": lambda: embeddings_frame(),
 }
+
+
+def output_tokens_frame() -> pl.DataFrame:
+    rows = []
+    for neuron in NEURONS:
+        rows.append({
+            "model": MODEL, "layer": "3", "neuron": neuron,
+            "promoted_tokens": [" money", " pounds", " sterling"], "promoted_token_ids": [5, 9, 2],
+            "promoted_logits": [3.5, 2.0, 1.5],
+            "suppressed_tokens": [" the", " of", " and"], "suppressed_token_ids": [1, 7, 3],
+            "suppressed_logits": [-4.0, -2.5, -0.5],
+            "weights_hash": "abc123",
+        })
+    return frame("neuron_output_tokens", rows)
+
+
+def embeddings_frame() -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for neuron in NEURONS:
+        vector = rng.standard_normal(8).astype(np.float32)
+        rows.append({
+            "model": MODEL, "layer": "3", "neuron": neuron, "explainer_id": "llm-1",
+            "embedding_model": "all-MiniLM-L6-v2", "text_hash": f"h{neuron}",
+            "embedding": [float(v) for v in vector / np.linalg.norm(vector)],
+        })
+    return frame("explanation_embeddings", rows)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -720,3 +749,34 @@ def test_failing_rows_markdown():
     assert lines[0].startswith("| row | model |") and len(lines) == 3
     assert f"({L} items)" in lines[2] and "expected_activations <= 10" in lines[2]
     assert validate_table("simulations", simulations_frame(), PARAMS).failing_rows_markdown() == "(no failing rows)"
+
+
+# --------------------------------------------------------------------------- output tokens, embeddings
+
+
+def test_output_tokens_unsorted_short_and_overlapping():
+    df = set_cell(output_tokens_frame(), 0, "promoted_logits", [1.0, 2.0, 0.5])
+    df = set_cell(df, 1, "suppressed_token_ids", [1, 7])
+    df = set_cell(df, 2, "suppressed_logits", [-4.0, -2.5, 2.0])  # above a promoted logit
+    report = validate_table("neuron_output_tokens", df, PARAMS)
+    assert failing_row_indices(report) == [0, 1, 2]
+    assert failure(report, "promoted_logits are highest first")["unexpected_count"] == 1
+    assert failure(report, "suppressed_token_ids has as many items as promoted_tokens")["unexpected_count"] == 1
+    assert failure(report, "every promoted logit >= every suppressed logit")["unexpected_count"] == 1
+
+
+def test_output_tokens_coverage_and_nan():
+    df = output_tokens_frame().filter(pl.col("neuron") != 1)
+    df = set_cell(df, 0, "promoted_logits", [float("nan"), 2.0, 1.5])
+    report = validate_table("neuron_output_tokens", df, PARAMS)
+    assert failure(report, "promoted_logits are finite")["unexpected_count"] == 1
+    assert failure(report, "all 3 expected neurons present in layer 3")
+
+
+def test_embeddings_not_unit_length_or_mixed_widths():
+    df = set_cell(embeddings_frame(), 0, "embedding", [1.0] * 8)
+    report = validate_table("explanation_embeddings", df, PARAMS)
+    assert only_failure(report, "embedding has unit length")["unexpected_count"] == 1
+    mixed = set_cell(embeddings_frame(), 1, "embedding", [1.0, 0.0])
+    report = validate_table("explanation_embeddings", mixed, PARAMS)
+    assert failure(report, "every embedding has the same width")

@@ -7,10 +7,15 @@ and a terminate request as the Dagster UI sends it. Each stop must end with exit
 line on stderr (no traceback), no Dagster run left active and the last one canceled, no pool slot
 held; after all of them one more run of the same command must leave the lake identical to an
 uninterrupted run's.
+
+Runs the Dagster UI launches execute in their run worker's main thread, where Dagster's
+cancellation thread sends SIGINT when the run is terminated: the in-process tests at the end
+execute a stage loop that way and check it stops at a safe point, canceled.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -29,8 +34,6 @@ from reliability.zygote import Zygote  # noqa: E402
 from test_reliability import CHILD_ENV, _config, _endpoint, _is_probe  # noqa: E402
 
 from neuron_pipeline.assets.partitions import GPU_POOL  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
@@ -85,6 +88,7 @@ def _progress_lines(text: str) -> list[re.Match]:
     return [m for m in map(PROGRESS_LINE.match, text.splitlines()) if m]
 
 
+@pytest.mark.slow
 def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_path):
     reference_lake, lake = tmp_path / "reference" / "lake", tmp_path / "lake"
     reference_home, home = _home(tmp_path / "reference" / "home"), _home(tmp_path / "home")
@@ -171,3 +175,71 @@ def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_pat
         assert content[table].equals(want), f"{table} differs from an uninterrupted run's"
     assert all(r.status != dg.DagsterRunStatus.STARTED for r in _runs(home))
     record("interrupts", {"stops": stops, "resumed_identical": True})
+
+
+# --- a run worker's main thread (runs launched by the Dagster UI) -------------------------------------
+
+
+def _loop_asset(stop):
+    """A stage loop of 6 units through progress.track; ``stop(context, unit)`` is called inside unit 2."""
+    from neuron_pipeline.assets.progress import track
+
+    finished = []
+
+    @dg.asset
+    def loop(context):
+        for unit in track(range(6), total=6, stage="explanations", layer=0, unit="neuron"):
+            if unit == 2:
+                stop(context, unit)
+                time.sleep(0.3)  # the rest of the unit's work: it must not be cut short
+            finished.append(unit)
+
+    return loop, finished
+
+
+def _canceled_run(instance: dg.DagsterInstance) -> dg.DagsterRun:
+    [run] = instance.get_runs()
+    return run
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "terminated"])
+def test_a_run_workers_loop_stops_at_the_next_safe_point_canceled(how):
+    """In the main thread, as a run worker executes: the signal (Dagster's cancellation thread
+    sends SIGINT) or the CANCELING status lets the current unit finish, then the run ends canceled."""
+    from neuron_pipeline.assets import interrupts
+
+    interrupts.clear()
+
+    def stop(context, unit):
+        if how == "terminated":  # what the UI's Terminate does first; the loop polls the status
+            context.instance.report_run_canceling(context.dagster_run)
+            time.sleep(interrupts.STATUS_POLL_S + 0.1)
+        else:
+            os.kill(os.getpid(), signal.SIGINT if how == "SIGINT" else signal.SIGTERM)
+
+    loop, finished = _loop_asset(stop)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([loop], instance=instance, raise_on_error=False)
+        run = _canceled_run(instance)
+    interrupts.clear()
+    assert not result.success
+    assert finished == [0, 1, 2], finished  # unit 2 finished, none after it started
+    assert run.status == dg.DagsterRunStatus.CANCELED
+
+
+def test_a_second_signal_in_a_run_worker_interrupts_at_once():
+    from neuron_pipeline.assets import interrupts
+
+    interrupts.clear()
+
+    def stop(context, unit):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    loop, finished = _loop_asset(stop)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([loop], instance=instance, raise_on_error=False)
+        run = _canceled_run(instance)
+    interrupts.clear()
+    assert not result.success and finished == [0, 1]  # unit 2 cut short
+    assert run.status == dg.DagsterRunStatus.CANCELED

@@ -13,7 +13,17 @@ from neuron_pipeline.lake import SCHEMAS, read_table, table_path
 
 from conftest import small_settings
 
-LAYER_ASSETS = ["neuron_activations", "activation_records", "explanations", "simulations", "scores", "layer_summary"]
+LAYER_ASSETS = [
+    "neuron_activations",
+    "activation_records",
+    "neuron_output_tokens",
+    "explanations",
+    "explanation_embeddings",
+    "simulations",
+    "scores",
+    "scorer_results",
+    "layer_summary",
+]
 
 
 def _materialize(defs: dg.Definitions, keys, **kwargs) -> dg.ExecuteInProcessResult:
@@ -112,6 +122,10 @@ def test_materialize_one_layer_fills_every_table(tmp_path):
     valid = scores.filter(pl.col("score").is_not_null())
     assert valid["score"].is_between(-1, 1).all()
     assert scores.filter(pl.col("score").is_null())["null_reason"].null_count() == 0
+
+    # No LLM configured: the embedding scorer alone, on every explanation.
+    scorer_rows = pl.read_delta(str(table_path(lake, "scorer_results")))
+    assert scorer_rows["method"].to_list() == ["embedding"] * 8 and scorer_rows["calls"].max() == 0
 
     summary = pl.read_delta(str(table_path(lake, "layer_summary")))
     assert summary.height == 1
@@ -228,7 +242,9 @@ def test_quality_gate_stops_bad_rows_before_they_land(tmp_path, monkeypatch):
     defs = build_definitions(settings)
     instance = dg.DagsterInstance.ephemeral()
     assert _materialize(defs, ["corpus_tokens"], instance=instance).success
-    result = _materialize(defs, LAYER_ASSETS, partition_key="0", instance=instance, raise_on_error=False)
+    # (neuron_output_tokens needs no capture: it is left out of this run.)
+    after_capture = [t for t in LAYER_ASSETS if t != "neuron_output_tokens"]
+    result = _materialize(defs, after_capture, partition_key="0", instance=instance, raise_on_error=False)
     assert not result.success
     evaluations = {e.asset_key.to_user_string(): e for e in result.get_asset_check_evaluations()}
     assert evaluations["activation_records"].passed is False
@@ -236,7 +252,7 @@ def test_quality_gate_stops_bad_rows_before_they_land(tmp_path, monkeypatch):
     # Nothing was written for the bad layer, and nothing downstream ran.
     from neuron_pipeline.lake import table_exists
 
-    for table in LAYER_ASSETS:
+    for table in after_capture:
         assert not table_exists(settings.lake_location.folder, table), table
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == set()

@@ -26,7 +26,7 @@ from neuron_pipeline.lake import open_table, read_table, write_table
 from conftest import small_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER_ASSETS = ["neuron_activations", "activation_records", *jobs.EXPLAIN_ASSETS]
+LAYER_ASSETS = [*jobs.CAPTURE_ASSETS, *jobs.EXPLAIN_ASSETS]
 EXPLAIN_KEYS = set(jobs.keys(jobs.EXPLAIN_ASSETS))
 RESCORE_KEYS = set(jobs.keys(jobs.RESCORE_ASSETS))
 RANGE = {automation.RANGE_START_TAG: "0", automation.RANGE_END_TAG: "1"}

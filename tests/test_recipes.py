@@ -104,6 +104,13 @@ def test_python_recipe_runs(block, project, monkeypatch, capsys):
         assert namespace["changed"].height == layer1 > 0  # exactly the re-explained layer
     if "to_pandas" in block:
         assert len(namespace["scores"]) > 0 and set(namespace["explanations"]["layer"]) == {"1"}
+    if "list_cosine_similarity" in block:  # the SQL search ranks like `neuron-pipeline search`
+        from neuron_pipeline.lake.search import search
+
+        expected = search("lake", "names of people", top=5)
+        assert namespace["hits"].height == 5
+        assert namespace["hits"].select("layer", "neuron", "explainer_id").rows() == expected.select(
+            "layer", "neuron", "explainer_id").rows()
     if "to_pyarrow_dataset" in block or "delta_scan" in block or "connect(" in block:
         assert out.strip(), "the DuckDB recipe printed nothing"
         assert "1" in out

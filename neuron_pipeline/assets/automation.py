@@ -41,6 +41,7 @@ AFTER_ANY_UPDATE = (
     & ~dg.AutomationCondition.in_progress()
 ).with_label("after any layer summary update")
 AUTOMATION_CONDITIONS = {
+    dg.AssetKey("explanation_embeddings"): EAGER,
     dg.AssetKey("scores"): EAGER,
     dg.AssetKey("layer_summary"): EAGER,
     dg.AssetKey("neuron_viewer"): AFTER_ANY_UPDATE,

@@ -21,7 +21,7 @@ from neuron_pipeline.assets.partitions import GPU_TAG, K8S_CONFIG_TAG
 from neuron_pipeline.config import Settings
 
 # The ops (= step names) that hold a model on the accelerator.
-GPU_STEPS = ("capture", "explanations", "simulations")
+GPU_STEPS = ("capture", "neuron_output_tokens", "explanations", "simulations", "scorer_results")
 LAKE_VOLUME = "lake"
 # Passed on to every step pod when set where the definitions load, so steps read the same settings
 # (the Helm chart's includeConfigInLaunchedRuns passes the code location's whole env as well).

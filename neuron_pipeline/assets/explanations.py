@@ -1,8 +1,9 @@
 """Stage 3: every configured explainer explains every selected neuron of the layer."""
 
 
+import dataclasses
 from datetime import datetime, timezone
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import polars as pl
 
@@ -25,6 +26,7 @@ from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer, Explanation
+from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
 from neuron_pipeline.plan import run_plan
@@ -58,12 +60,18 @@ def _explain_fn(explainer: Explainer):
     """Explain a list of splits with whatever the explainer offers."""
     if hasattr(explainer, "explain_splits"):
         return explainer.explain_splits
+    if getattr(explainer, "uses_output_tokens", False):
+        return lambda splits_list: explainer.explain_many([s.explain for s in splits_list], [s.output_tokens for s in splits_list])
     explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
     return lambda splits_list: explain_many([s.explain for s in splits_list])
 
 
-def _todo(explainer: Explainer, records_by_neuron: dict[int, NeuronRecord], done: dict, records_settings: RecordsSettings, kept: list):
+def _todo(
+    explainer: Explainer, records_by_neuron: dict[int, NeuronRecord], done: dict, records_settings: RecordsSettings,
+    kept: list, layer: int, output_tokens: Mapping[int, OutputTokens] | None,
+):
     """(neuron, fingerprint, splits) to explain; unchanged successful rows go to ``kept``."""
+    uses_outputs = getattr(explainer, "uses_output_tokens", False)
     for neuron in sorted(records_by_neuron):
         splits = split_records(
             records_by_neuron[neuron],
@@ -74,6 +82,9 @@ def _todo(explainer: Explainer, records_by_neuron: dict[int, NeuronRecord], done
         # Explainers that choose among candidates also read the held-out records.
         seen = splits.explain + (splits.holdout_top + splits.holdout_random if hasattr(explainer, "explain_splits") else [])
         fingerprint = records_fingerprint(seen)
+        if uses_outputs:
+            splits = dataclasses.replace(splits, output_tokens=outputs_of(output_tokens, layer, neuron))
+            fingerprint = content_hash(fingerprint, splits.output_tokens.fingerprint())
         if (neuron, fingerprint) in done:
             kept.append(done[(neuron, fingerprint)])
         else:
@@ -109,14 +120,16 @@ def explain_layer(
     records_settings: RecordsSettings,
     model_id: str,
     layer: int,
+    output_tokens: Mapping[int, OutputTokens] | None = None,
     workers: int = 1,
 ) -> tuple[pl.DataFrame, int]:
     """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
     the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations).
+    ``output_tokens`` (neuron -> promoted / suppressed tokens) feeds output-aware explainers.
     (The asset streams layers through ``explain_layers``; this is the one-layer form.)"""
     frames: dict[int, pl.DataFrame] = {}
     calls = explain_layers(
-        explainer, [layer], lambda _: (records_by_neuron, existing), records_settings, model_id,
+        explainer, [layer], lambda _: (records_by_neuron, existing, output_tokens), records_settings, model_id,
         lambda _, frame: frames.__setitem__(layer, frame), workers,
     )
     return frames[layer], calls
@@ -125,7 +138,9 @@ def explain_layer(
 def explain_layers(
     explainer: Explainer,
     layers: list[int],
-    load: Callable[[int], tuple[dict[int, NeuronRecord] | Iterable[dict[int, NeuronRecord]], pl.DataFrame]],
+    load: Callable[
+        [int], tuple[dict[int, NeuronRecord] | Iterable[dict[int, NeuronRecord]], pl.DataFrame, Mapping[int, OutputTokens] | None]
+    ],
     records_settings: RecordsSettings,
     model_id: str,
     flush: Callable[[int, pl.DataFrame], None],
@@ -133,21 +148,21 @@ def explain_layers(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Explain the layers' neurons, ``workers`` neurons in progress at once across layers.
-    ``load(layer)`` gives the layer's records (a dict, or chunks of dicts read lazily) and its
-    existing rows under this explainer id; ``flush(layer, frame)`` receives each layer's complete
+    ``load(layer)`` gives the layer's records (a dict, or chunks of dicts read lazily), its
+    existing rows under this explainer id and its output tokens (output-aware explainers, else None); ``flush(layer, frame)`` receives each layer's complete
     slice, sorted by neuron, as soon as it is done. Returns the number of new explanations."""
     explain = _explain_fn(explainer)
     calls = 0
 
     def plan(layer: int):
-        records, existing = load(layer)
+        records, existing, output_tokens = load(layer)
         done = {(row["neuron"], row["records_hash"]): row for row in existing.iter_rows(named=True) if row["error"] is None}
         state: dict = {"layer": layer, "kept": [], "rows": []}
         chunks = [records] if isinstance(records, dict) else records
 
         def tasks():
             for chunk in chunks:
-                yield from _todo(explainer, chunk, done, records_settings, state["kept"])
+                yield from _todo(explainer, chunk, done, records_settings, state["kept"], layer, output_tokens)
 
         return state, tasks()
 
@@ -175,12 +190,30 @@ def explain_layers(
     return calls
 
 
+def outputs_of(output_tokens: Mapping[int, OutputTokens] | None, layer: int, neuron: int) -> OutputTokens:
+    if not output_tokens or neuron not in output_tokens:
+        raise ValueError(
+            f"no neuron_output_tokens for layer {layer} neuron {neuron} (an output-aware explainer reads them): "
+            "materialize neuron_output_tokens for the layer first"
+        )
+    return output_tokens[neuron]
+
+
+def load_output_tokens(lake, layer: int) -> dict[int, OutputTokens]:
+    """neuron -> its promoted / suppressed tokens, from the neuron_output_tokens table."""
+    rows = read_table(
+        lake, "neuron_output_tokens", where={"layer": str(layer)}, columns=["neuron", "promoted_tokens", "suppressed_tokens"]
+    )
+    return {n: OutputTokens.of(p, s) for n, p, s in rows.iter_rows()}
+
+
 def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> dg.AssetsDefinition:
     """The explanations asset over the given layer partitions."""
 
     @dg.asset(
         partitions_def=partitions,
-        deps=["activation_records"],
+        # Output-aware explainers also read each neuron's promoted tokens.
+        deps=["activation_records", "neuron_output_tokens"],
         group_name="explain",
         kinds={"delta"},
         owners=["team:interpretability"],
@@ -217,7 +250,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 def load(layer, explainer_settings=explainer_settings, explainer=explainer):
                     wanted = select_subset(explainer_settings.neurons, neurons_of[layer])
                     existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
-                    return record_chunks(lake, layer, wanted), existing
+                    outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
+                    return record_chunks(lake, layer, wanted), existing, outputs
 
                 def flush(layer, frame, explainer=explainer):
                     nonlocal usd_in_layers

@@ -69,6 +69,15 @@ def _terminated_from_ui(context: dg.AssetExecutionContext) -> bool:
     return run is not None and run.status in _STOPPING
 
 
+def _mark_canceling(context: dg.AssetExecutionContext | None, message: str) -> None:
+    """So that Dagster ends the interrupted run CANCELED rather than failed."""
+    if context is None:
+        return
+    run = context.instance.get_run_by_id(context.run_id)
+    if run is not None and run.status not in _STOPPING:
+        context.instance.report_run_canceling(run, message=message)
+
+
 def checkpoint() -> None:
     """A safe point: when a stop was asked for, end the step here (the run ends CANCELED)."""
     context = current_context()
@@ -76,10 +85,7 @@ def checkpoint() -> None:
         _stop.set()
     if not _stop.is_set():
         return
-    if context is not None:
-        run = context.instance.get_run_by_id(context.run_id)
-        if run is not None and run.status not in _STOPPING:
-            context.instance.report_run_canceling(run, message="Stop requested (SIGINT / SIGTERM); stopping at a safe point.")
+    _mark_canceling(context, "Stop requested (SIGINT / SIGTERM); stopping at a safe point.")
     raise dg.DagsterExecutionInterruptedError("stopped at a safe point on request")
 
 
@@ -92,8 +98,11 @@ def signals() -> Iterator[None]:
         yield
         return
 
+    context = current_context()
+
     def handler(signum, frame):  # noqa: ARG001
         if _stop.is_set():
+            _mark_canceling(context, "Stopped at once by a second SIGINT / SIGTERM.")
             raise dg.DagsterExecutionInterruptedError("stopped at once on a second interrupt")
         _stop.set()
 

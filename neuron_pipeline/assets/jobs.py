@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-CAPTURE_ASSETS = ["neuron_activations", "activation_records"]
-EXPLAIN_ASSETS = ["explanations", "simulations", "scores", "layer_summary"]
-RESCORE_ASSETS = ["simulations", "scores", "layer_summary"]
+CAPTURE_ASSETS = ["neuron_activations", "activation_records", "neuron_output_tokens"]
+EXPLAIN_ASSETS = ["explanations", "explanation_embeddings", "simulations", "scores", "scorer_results", "layer_summary"]
+RESCORE_ASSETS = ["simulations", "scores", "scorer_results", "layer_summary"]
 
 CAPTURE_JOB = "capture_layers"
 EXPLAIN_JOB = "explain_layers"
@@ -38,12 +38,13 @@ def build_jobs(partitions: dg.PartitionsDefinition) -> list[dg.UnresolvedAssetJo
             CAPTURE_JOB,
             dg.AssetSelection.assets(*CAPTURE_ASSETS),
             "Capture only: per-neuron statistics and activation records of the chosen layers, one forward "
-            "pass for a range (needs corpus_tokens).",
+            "pass for a range (needs corpus_tokens), and each neuron's promoted / suppressed output tokens.",
         ),
         job(
             EXPLAIN_JOB,
             dg.AssetSelection.assets(*EXPLAIN_ASSETS),
-            "Explain layers: explanations -> simulations -> scores -> layer_summary from the stored records. "
+            "Explain layers: explanations (+ their search embeddings) -> simulations -> scores -> layer_summary "
+            "from the stored records. "
             "Only neurons without results under the current explainer / simulator ids are computed.",
         ),
         job(

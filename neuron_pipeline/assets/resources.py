@@ -7,11 +7,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
-from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings, cache_dir
+from neuron_pipeline.config import ExplainerSettings, ScorerSettings, Settings, SimulatorSettings, cache_dir
 from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import Lake
-from neuron_pipeline.llm import LLMCache, make_explainer, make_simulator
+from neuron_pipeline.llm import LLMCache, make_explainer, make_scorer, make_simulator
 from neuron_pipeline.subject import Subject, load_subject
 
 
@@ -68,6 +68,7 @@ class LLMResource(dg.ConfigurableResource):
     pipeline: PipelineSettingsResource
     _explainers: list | None = PrivateAttr(default=None)
     _simulators: list | None = PrivateAttr(default=None)
+    _scorers: list | None = PrivateAttr(default=None)
     _cache: LLMCache | None = PrivateAttr(default=None)
 
     @property
@@ -90,9 +91,15 @@ class LLMResource(dg.ConfigurableResource):
             self._simulators = [(s, make_simulator(s, self.cache)) for s in self.pipeline.settings.simulators]
         return self._simulators
 
+    def scorers(self) -> list[tuple[ScorerSettings, object]]:
+        """Detection / fuzzing / embedding scorers (``Settings.scorer_entries``)."""
+        if self._scorers is None:
+            self._scorers = [(s, make_scorer(s, self.cache)) for s in self.pipeline.settings.scorer_entries]
+        return self._scorers
+
     def usage(self) -> dict[str, int]:
         """New (paid) tokens this run and cache statistics, for materialization metadata."""
-        objects = [obj for _, obj in (self._explainers or []) + (self._simulators or [])]
+        objects = [obj for _, obj in (self._explainers or []) + (self._simulators or []) + (self._scorers or [])]
         models = [getattr(obj, "model", None) for obj in objects]
         usage = {
             "new_prompt_tokens": sum(getattr(m, "new_prompt_tokens", 0) for m in models),
@@ -117,7 +124,8 @@ class LLMResource(dg.ConfigurableResource):
         server_error, timeout, connection, malformed, unusable_content, ...), summed over the
         explainers and over the simulators; retried faults count once per attempt."""
         out: dict[str, dict[str, int]] = {}
-        for role, entries in (("explainers", self._explainers or []), ("simulators", self._simulators or [])):
+        roles = (("explainers", self._explainers or []), ("simulators", self._simulators or []), ("scorers", self._scorers or []))
+        for role, entries in roles:
             total: dict[str, int] = {}
             for backend in _backends([obj for _, obj in entries]):
                 for kind, count in backend.faults.items():

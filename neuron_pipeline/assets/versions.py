@@ -28,6 +28,8 @@ from typing import Any
 import dagster as dg
 
 from neuron_pipeline.config import Settings
+from neuron_pipeline.llm.embeddings import EMBEDDING_MODEL
+from neuron_pipeline.subject.output_tokens import OUTPUT_TOKENS_K
 
 # Runtime knobs of an LLM backend that do not change what it produces.
 _RUNTIME_FIELDS = {
@@ -46,14 +48,19 @@ _RUNTIME_FIELDS = {
     "batch_poll_s",
 }
 SIMULATOR_TEMPLATE_PREFIX = "simulator"
+# Templates of the detection / fuzzing scorers: neither explainer- nor simulator-side.
+SCORER_TEMPLATE_PREFIXES = ("detection", "fuzzing")
 
 # Stages in pipeline order, by asset key; each recipe includes the one before it.
 STAGES = [
     ("corpus_tokens", ["corpus_tokens"]),
+    ("neuron_output_tokens", ["neuron_output_tokens"]),
     ("capture", ["neuron_activations", "activation_records"]),
     ("explanations", ["explanations"]),
+    ("explanation_embeddings", ["explanation_embeddings"]),
     ("simulations", ["simulations"]),
     ("scores", ["scores"]),
+    ("scorer_results", ["scorer_results"]),
     ("layer_summary", ["layer_summary"]),
     ("neuron_viewer", ["neuron_viewer"]),
 ]
@@ -69,12 +76,16 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def template_hashes(folder: Path | None, simulator: bool) -> dict[str, str]:
-    """Content hashes of the explainer-side (or simulator-side) prompt templates."""
+def template_hashes(folder: Path | None, simulator: bool, scorer: bool = False) -> dict[str, str]:
+    """Content hashes of the explainer-side (or simulator-side, or scorer) prompt templates."""
     folder = Path(folder) if folder is not None else prompts_dir()
     out = {}
     for path in sorted(folder.glob("*.txt")):
-        if path.stem.startswith(SIMULATOR_TEMPLATE_PREFIX) == simulator:
+        if path.stem.startswith(SCORER_TEMPLATE_PREFIXES):
+            if scorer:
+                out[path.stem] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            continue
+        if not scorer and path.stem.startswith(SIMULATOR_TEMPLATE_PREFIX) == simulator:
             out[path.stem] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return out
 
@@ -105,6 +116,8 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             "trust_remote_code": subject.trust_remote_code,
             "corpus": settings.corpus.model_dump(mode="json"),
         },
+        # Output tokens depend on the model's weights alone (the model is in corpus_tokens' recipe).
+        "neuron_output_tokens": {"dtype": subject.dtype, "top_k": OUTPUT_TOKENS_K},
         "capture": {
             "dtype": subject.dtype,
             "activation_dtype": settings.capture.activation_dtype,
@@ -114,11 +127,18 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
             ),
         },
         "explanations": explain,
+        "explanation_embeddings": {"embedding_model": EMBEDDING_MODEL},
         "simulations": {
             "simulators": simulators,
             "templates": template_hashes(templates, simulator=True) if llm_simulators else {},
         },
         "scores": {},
+        "scorer_results": {
+            "scorers": _llm_entries(settings.scorer_entries),
+            "templates": template_hashes(templates, simulator=False, scorer=True)
+            if any(e.method != "embedding" for e in settings.scorer_entries)
+            else {},
+        },
         "layer_summary": {},
         "neuron_viewer": {},
     }

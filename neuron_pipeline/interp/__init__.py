@@ -2,6 +2,11 @@
 a researcher can use it in a notebook."""
 
 from neuron_pipeline.interp.baseline import BaselineExplainer, BaselineSimulator
+from neuron_pipeline.interp.classification import ScorerResult, ScoringSample, classification_metrics, scoring_sample
+from neuron_pipeline.interp.contrastive import ContrastiveExplainer
+from neuron_pipeline.interp.detection import DetectionScorer
+from neuron_pipeline.interp.embedding_scoring import EmbeddingScorer
+from neuron_pipeline.interp.fuzzing import FuzzingScorer
 from neuron_pipeline.interp.explainer import Explainer, Explanation, LLMExplainer, parse_explanation
 from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ChatResponse, ValueDistributionModel
 from neuron_pipeline.interp.records import (
@@ -25,6 +30,14 @@ from neuron_pipeline.interp.simulator import (
 from neuron_pipeline.interp.variants import CalibratedSimulator, RefiningExplainer, fit_calibration
 
 __all__ = [
+    "ContrastiveExplainer",
+    "DetectionScorer",
+    "EmbeddingScorer",
+    "FuzzingScorer",
+    "ScorerResult",
+    "ScoringSample",
+    "classification_metrics",
+    "scoring_sample",
     "ActivationRecord",
     "AllAtOnceSimulator",
     "CalibratedSimulator",

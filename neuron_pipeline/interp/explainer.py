@@ -15,6 +15,7 @@ from neuron_pipeline.interp.prompts import (
     load_template,
     max_activation_of,
 )
+from neuron_pipeline.interp.outputs import OutputTokens, format_output_tokens
 from neuron_pipeline.interp.records import ActivationRecord
 
 # The paper's framing: explanations complete this sentence, and the simulator is shown it.
@@ -91,24 +92,47 @@ def best_of(texts: Sequence[str]) -> str:
     return ""
 
 
-class LLMExplainer:
-    """Explains a neuron from its top excerpts with a chat model and a versioned prompt template."""
+def explainer_placeholders(output_tokens: bool) -> tuple[str, ...]:
+    """What an explainer template must hold: the excerpts, and for an output-aware explainer the
+    neuron's promoted / suppressed tokens."""
+    return ("records", "output_tokens") if output_tokens else ("records",)
 
-    def __init__(self, model: ChatModel, template_name: str = "explainer_v1", max_tokens: int = 60, temperature: float = 0.0):
+
+class LLMExplainer:
+    """Explains a neuron from its top excerpts with a chat model and a versioned prompt template.
+
+    With ``output_tokens`` the prompt also shows the tokens the neuron promotes and suppresses
+    (``interp/outputs.py``); such an explainer is asked with ``explain_many(batches, outputs)``."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        template_name: str = "explainer_v1",
+        max_tokens: int = 60,
+        temperature: float = 0.0,
+        output_tokens: bool = False,
+    ):
         self.model = model
-        self.template = load_template(template_name, required=("records",))
+        self.uses_output_tokens = output_tokens
+        self.template = load_template(template_name, required=explainer_placeholders(output_tokens))
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.model_name = model.model_name
         self.prompt_hash = self.template.hash
-        self.explainer_id = make_explainer_id(
-            "llm", self.model_name, self.prompt_hash, {"max_tokens": max_tokens, "temperature": temperature}
-        )
+        params: dict = {"max_tokens": max_tokens, "temperature": temperature}
+        if output_tokens:  # (absent otherwise, so the ids of existing explainers stay as they were)
+            params["output_tokens"] = True
+        self.explainer_id = make_explainer_id("llm", self.model_name, self.prompt_hash, params)
 
-    def request(self, records: Sequence[ActivationRecord], n: int = 1) -> ChatRequest:
+    def request(self, records: Sequence[ActivationRecord], n: int = 1, outputs: OutputTokens | None = None) -> ChatRequest:
         text = format_records(records, max_activation_of(records))
+        values = {"records": text}
+        if self.uses_output_tokens:
+            if outputs is None:
+                raise ValueError("an output-aware explainer needs the neuron's output tokens: materialize neuron_output_tokens")
+            values["output_tokens"] = format_output_tokens(outputs)
         return ChatRequest(
-            messages=render_chat(self.template, records=text),
+            messages=render_chat(self.template, **values),
             max_tokens=self.max_tokens,
             temperature=self.temperature if n == 1 else max(self.temperature, 0.7),
             n=n,
@@ -118,9 +142,12 @@ class LLMExplainer:
     def explain(self, records: Sequence[ActivationRecord]) -> Explanation:
         return self.explain_many([records])[0]
 
-    def explain_many(self, batches: Sequence[Sequence[ActivationRecord]]) -> list[Explanation]:
+    def explain_many(
+        self, batches: Sequence[Sequence[ActivationRecord]], outputs: Sequence[OutputTokens | None] | None = None
+    ) -> list[Explanation]:
         """Explain several neurons; requests go out concurrently when the backend allows."""
-        responses = chat_all(self.model, [self.request(records) for records in batches])
+        outputs = list(outputs) if outputs is not None else [None] * len(batches)
+        responses = chat_all(self.model, [self.request(records, outputs=out) for records, out in zip(batches, outputs)])
         return [_to_explanation(response) for response in responses]
 
 

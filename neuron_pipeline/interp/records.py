@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from neuron_pipeline.interp.outputs import OutputTokens
 
 T = TypeVar("T")
 
@@ -51,6 +54,8 @@ class RecordSplits:
     # Left-over records, for calibration or choosing among candidate explanations.
     holdout_top: list[ActivationRecord]
     holdout_random: list[ActivationRecord]
+    # What the neuron writes to the output, for output-aware explainers (None for the others).
+    output_tokens: "OutputTokens | None" = None
 
 
 def interleaved_splits(items: Sequence[T], n_splits: int) -> list[list[T]]:

@@ -68,6 +68,7 @@ class RefiningExplainer:
     def __post_init__(self) -> None:
         self.reviser = load_template(self.reviser_template, required=("explanation", "records"))
         self.model_name = self.base.model_name
+        self.uses_output_tokens = self.base.uses_output_tokens
         self.prompt_hash = self.base.prompt_hash + (f"+{self.reviser.hash}" if self.revise else "")
         self.explainer_id = make_explainer_id(
             "llm",
@@ -85,7 +86,7 @@ class RefiningExplainer:
         return self.base.explain(records)
 
     def explain_splits(self, splits_list: Sequence[RecordSplits]) -> list[Explanation]:
-        responses = chat_all(self.base.model, [self.base.request(s.explain, n=self.n) for s in splits_list])
+        responses = chat_all(self.base.model, [self.base.request(s.explain, n=self.n, outputs=s.output_tokens) for s in splits_list])
         results = []
         for splits, response in zip(splits_list, responses):
             if isinstance(response, Exception):

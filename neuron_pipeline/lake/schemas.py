@@ -111,6 +111,42 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("null_reason", pa.string()),  # why score is null, when it is
         ]
     ),
+    # Detection, fuzzing and embedding scores of each explanation (interp/classification.py): one
+    # row per (neuron, explainer id, scorer id), beside `scores` on (layer, neuron, explainer_id).
+    "scorer_results": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("explainer_id", pa.string()),
+            ("scorer_id", pa.string()),
+            ("method", pa.string()),  # detection | fuzzing | embedding
+            ("scorer_model", pa.string()),
+            # The headline: balanced accuracy (detection, fuzzing) or AUROC (embedding).
+            ("score", pa.float64()),
+            ("balanced_accuracy", pa.float64()),
+            ("f1", pa.float64()),
+            ("precision", pa.float64()),
+            ("recall", pa.float64()),
+            ("auroc", pa.float64()),  # from p(yes) (detection, fuzzing with logprobs) or similarity
+            ("n_judged", pa.int64()),  # excerpts that got an answer
+            ("n_activating", pa.int64()),  # of those, activating ones (correctly marked, for fuzzing)
+            ("n_non_activating", pa.int64()),
+            ("failed_groups", pa.int64()),  # groups whose replies stayed malformed or failed
+            ("prompt_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+            ("calls", pa.int64()),  # chat requests, retries included
+            ("null_reason", pa.string()),  # why score is null, when it is
+            # Fingerprint of (scorer id, explanation, judged excerpts): unchanged inputs are not re-scored.
+            ("input_hash", pa.string()),
+            # Excerpt by excerpt: the corpus sequence, its label, the answer (null: not judged) and
+            # p(yes) or the embedding similarity.
+            ("sequence_ids", pa.list_(pa.int64())),
+            ("labels", pa.list_(pa.bool_())),
+            ("predictions", pa.list_(pa.bool_())),
+            ("probabilities", _floats),
+        ]
+    ),
     "layer_summary": pa.schema(
         [
             ("model", pa.string()),
@@ -137,6 +173,34 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("simulator_completion_tokens", pa.int64()),
         ]
     ),
+    # What each neuron writes to the output, from the weights alone (subject/output_tokens.py):
+    # the tokens whose logits its output vector raises most / lowers most, highest first.
+    "neuron_output_tokens": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("promoted_tokens", _tokens),
+            ("promoted_token_ids", pa.list_(pa.int32())),
+            ("promoted_logits", _floats),  # descending
+            ("suppressed_tokens", _tokens),
+            ("suppressed_token_ids", pa.list_(pa.int32())),
+            ("suppressed_logits", _floats),  # ascending (most negative first)
+            ("weights_hash", pa.string()),  # fingerprint of the weights: unchanged model, nothing recomputed
+        ]
+    ),
+    # Every explanation embedded for search by meaning (lake/search.py), unit length.
+    "explanation_embeddings": pa.schema(
+        [
+            ("model", pa.string()),
+            ("layer", pa.string()),
+            ("neuron", pa.int32()),
+            ("explainer_id", pa.string()),
+            ("embedding_model", pa.string()),
+            ("text_hash", pa.string()),  # hash of the embedded text: a changed explanation re-embeds only itself
+            ("embedding", _floats),
+        ]
+    ),
 }
 
 PARTITIONED_TABLES = [name for name, schema in SCHEMAS.items() if PARTITION_COLUMN in schema.names]
@@ -149,7 +213,10 @@ KEYS: dict[str, list[str]] = {
     "explanations": ["layer", "neuron", "explainer_id"],
     "simulations": ["layer", "neuron", "explainer_id", "simulator_id", "kind", "rank"],
     "scores": ["layer", "neuron", "explainer_id", "simulator_id"],
+    "scorer_results": ["layer", "neuron", "explainer_id", "scorer_id"],
     "layer_summary": ["layer", "explainer_id", "simulator_id"],
+    "neuron_output_tokens": ["layer", "neuron"],
+    "explanation_embeddings": ["layer", "neuron", "explainer_id"],
 }
 
 # Parquet row groups of this many rows for the tables read one neuron at a time: their rows are

@@ -99,6 +99,7 @@ class _Lake:
         self.explanations = _read(lake, "explanations").with_columns(
             pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M UTC"))
         self.scores = _read(lake, "scores")
+        self.scorer_results = _read(lake, "scorer_results", columns=SCORER_VIEW_COLUMNS)
         self.activations = _read(lake, "neuron_activations")
         self.record_keys = _read(lake, "activation_records", columns=["model", "layer", "neuron"]).unique()
         self.simulation_modes = _read(
@@ -280,7 +281,72 @@ def _copy_static(out_dir: Path) -> None:
         (target / name).write_bytes((source / name).read_bytes())
 
 
-def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
+SCORER_VIEW_COLUMNS = [
+    "layer", "neuron", "explainer_id", "scorer_id", "method", "scorer_model", "score", "balanced_accuracy", "f1",
+    "auroc", "n_judged", "failed_groups", "prompt_tokens", "completion_tokens", "null_reason",
+]
+
+
+def _scorer_layer_rows(lake: _Lake, layer: str) -> list[dict[str, Any]]:
+    """Per (explainer, scorer) of a layer: neurons, mean score, null scores, and the mean simulation
+    score (first LLM simulator, else any) of the same explanations."""
+    results = lake.scorer_results.filter(pl.col("layer") == layer)
+    if results.is_empty():
+        return []
+    simulation = (
+        lake.scores.filter(pl.col("layer") == layer)
+        .sort(pl.col("simulator_id").str.starts_with("baseline-"), "simulator_id")
+        .unique(["neuron", "explainer_id"], keep="first")
+        .select("neuron", "explainer_id", simulation_score="score")
+    )
+    joined = results.join(simulation, on=["neuron", "explainer_id"], how="left")
+    summary = joined.group_by("explainer_id", "method", "scorer_id").agg(
+        neurons=pl.len(),
+        mean_score=pl.col("score").mean(),
+        null_scores=pl.col("score").is_null().sum(),
+        mean_simulation_score=pl.col("simulation_score").mean(),
+    )
+    return [
+        {k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+        for row in summary.sort("explainer_id", "method").iter_rows(named=True)
+    ]
+
+
+# Similar neurons listed per explanation on a neuron page.
+SIMILAR_NEURONS = 5
+
+
+def _similar_neurons(lake: _Lake) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
+    """(layer, neuron) -> explainer id -> the most similar other neurons by explanation embedding
+    (same explainer), precomputed here so the site stays static."""
+    from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, load_embeddings, nearest_neighbours
+
+    if not table_exists(lake.lake, EMBEDDINGS_TABLE):
+        return {}
+    matrix = load_embeddings(lake.lake)
+    texts = {
+        (layer, int(neuron), explainer_id): text
+        for layer, neuron, explainer_id, text in lake.explanations.select(
+            "layer", "neuron", "explainer_id", "explanation").iter_rows()
+    }
+    out: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    keys = matrix.keys.with_row_index("row")
+    for (explainer_id,), group in keys.group_by(["explainer_id"], maintain_order=True):
+        rows = group["row"].to_numpy()
+        layers, neurons = group["layer"].to_list(), group["neuron"].to_list()
+        indices, similarities = nearest_neighbours(matrix.vectors[rows], np.arange(len(rows)), SIMILAR_NEURONS)
+        for i, (layer, neuron) in enumerate(zip(layers, neurons)):
+            listed = [
+                {"layer": layers[j], "neuron": int(neurons[j]), "similarity": float(similarities[i, c]),
+                 "explanation": texts.get((layers[j], int(neurons[j]), explainer_id))}
+                for c, j in enumerate(indices[i]) if j >= 0
+            ]
+            if listed:
+                out.setdefault((layer, int(neuron)), {})[explainer_id] = listed
+    return out
+
+
+def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = None) -> int:
     neurons = lake.neurons.get(layer, [])
     where = {"layer": layer}
     records = (_rows_by_neuron(_read(lake.lake, "activation_records", where=where), ["kind", "rank"])
@@ -291,6 +357,9 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
     explanations = _rows_by_neuron(lake.explanations.filter(pl.col("layer") == layer))
     scores = _rows_by_neuron(lake.scores.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "simulator_id"))
     modes = _rows_by_neuron(lake.simulation_modes.filter(pl.col("layer") == layer))
+    scorer_rows = _rows_by_neuron(lake.scorer_results.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "method"))
+    output_tokens = _rows_by_neuron(_read(lake.lake, "neuron_output_tokens", where={"layer": layer, "neuron": neurons}))
+    similar = similar or {}
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for position, neuron in enumerate(neurons):
@@ -349,6 +418,7 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
             })
 
         cards = []
+        neuron_scorers = scorer_rows.get(neuron, [])
         explainer_ids = set(text_of) | {r["explainer_id"] for r in neuron_scores}
         for explainer_id in sorted(explainer_ids, key=lambda e: (pages.is_baseline(e), e)):
             explanation = text_of.get(explainer_id, {})
@@ -366,6 +436,10 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
                 error=explanation.get("error"),
                 created_at=explanation.get("created_at"),
                 scores=card_scores,
+                scorer_scores=[
+                    {k: (finite(v) if isinstance(v, float) else v) for k, v in r.items()}
+                    for r in neuron_scorers if r["explainer_id"] == explainer_id
+                ],
             ))
 
         data = {"layer": layer, "neuron": neuron, "scale": scale, "records": record_data, "simulations": sim_data}
@@ -380,6 +454,8 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path) -> int:
             data,
             {kind: len(items) for kind, items in record_data.items()},
             sum(len(pair["excerpts"]) for pair in sim_data),
+            output_tokens=(output_tokens.get(neuron) or [None])[0],
+            similar=similar.get((layer, neuron)),
         )
         # Neuron pages are many: written in place; the index is written last, atomically.
         (folder / pages.neuron_file(neuron)).write_text(html, encoding="utf-8", errors="replace")
@@ -425,17 +501,18 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
             pairs=[_pair_summary(data, layer_scores, e, s, layer) for e, s in layer_pairs],
         ))
 
+    similar = _similar_neurons(data)
     neuron_count = 0
     for summary in layer_summaries:
         folder = out_dir / pages.layer_dir(summary.layer)
         rows, explainers, simulators, has_baseline = _layer_rows(data, summary.layer)
         html = pages.layer_page(
             data.models, summary.layer, data.layers, rows, explainers, simulators, data.explainer_models,
-            has_baseline, summary.neurons, summary.explained,
+            has_baseline, summary.neurons, summary.explained, _scorer_layer_rows(data, summary.layer),
         )
         _write(folder / "index.html", html)
         written.add(folder / "index.html")
-        count = _neuron_pages(data, summary.layer, folder)
+        count = _neuron_pages(data, summary.layer, folder, similar)
         written.update(folder / pages.neuron_file(n) for n in data.neurons.get(summary.layer, []))
         neuron_count += count
 

@@ -253,6 +253,7 @@ def layer_page(
     has_baseline_column: bool,
     neurons: int,
     explained: int,
+    scorer_rows: list[dict[str, Any]] | None = None,
 ) -> str:
     position = list(all_layers).index(layer)
     prev_link = (f'<a rel="prev" href="../{layer_dir(all_layers[position - 1])}/index.html">← layer {esc(all_layers[position - 1])}</a>'
@@ -294,6 +295,9 @@ def layer_page(
         f'tabindex="0" scope="col">{esc(label)}<span class="sort-arrow" aria-hidden="true"></span></th>'
         for key, label, kind in columns
     )
+    scorer_panel = scorer_layer_panel(scorer_rows or [])
+    if scorer_panel:  # above the neuron table's controls (crumbs, title, lede come first)
+        body.insert(3, scorer_panel)
     body.append(
         '<div class="panel table-panel"><div class="table-scroll"><table id="neurons" class="neurons">'
         f"<thead><tr>{header}</tr></thead><tbody></tbody></table></div>"
@@ -326,6 +330,8 @@ class ExplanationCard:
     error: str | None
     created_at: str | None
     scores: list[dict[str, Any]]
+    # Detection / fuzzing / embedding results of this explanation (scorer_results rows).
+    scorer_scores: list[dict[str, Any]] = field(default_factory=list)
 
 
 SCORE_COLUMNS = [
@@ -370,7 +376,100 @@ def _explanation_html(card: ExplanationCard) -> str:
         parts.append("</tbody></table></div>")
     else:
         parts.append('<div class="muted small">not scored yet</div>')
+    if card.scorer_scores:
+        parts.append(_scorer_table(card.scorer_scores))
     parts.append("</article>")
+    return "".join(parts)
+
+
+SCORER_COLUMNS = [("score", "score"), ("balanced_accuracy", "bal. acc."), ("f1", "F1"), ("auroc", "AUROC")]
+
+
+def _scorer_table(rows: list[dict[str, Any]]) -> str:
+    """Detection, fuzzing and embedding results: score is balanced accuracy (detection, fuzzing)
+    or AUROC (embedding); 0.5 is chance."""
+    parts = ['<div class="table-scroll"><table class="scores scorers"><thead><tr><th>scorer</th><th>model</th>']
+    parts.append("".join(f"<th class=num>{esc(label)}</th>" for _, label in SCORER_COLUMNS))
+    parts.append("<th class=num>judged</th><th class=num>failed groups</th><th class=num>tokens</th></tr></thead><tbody>")
+    for row in rows:
+        cells = "".join(
+            f'<td class="num{" headline" if key == "score" else ""}">{fmt_score(row.get(key))}</td>' for key, _ in SCORER_COLUMNS
+        )
+        reason = f' <span class="muted">({esc(row["null_reason"])})</span>' if row.get("null_reason") else ""
+        tokens = (row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0)
+        parts.append(
+            f"<tr><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code>{reason}</td>"
+            f"<td>{esc(row.get('scorer_model') or '—')}</td>{cells}"
+            f"<td class=num>{fmt_number(row.get('n_judged'))}</td><td class=num>{fmt_number(row.get('failed_groups'))}</td>"
+            f"<td class=num>{fmt_number(tokens)}</td></tr>"
+        )
+    parts.append("</tbody></table></div>")
+    return "".join(parts)
+
+
+def scorer_layer_panel(rows: list[dict[str, Any]]) -> str:
+    """Per (explainer, scorer) on one layer: neurons, mean score and the mean simulation score of
+    the same explanations, so the scorers can be read side by side."""
+    if not rows:
+        return ""
+    parts = [
+        '<section class="panel" id="scorers"><h2>Detection, fuzzing and embedding scores</h2>'
+        '<p class="hint">Mean over the layer\'s explanations: balanced accuracy (detection, fuzzing) or AUROC '
+        "(embedding), 0.5 being chance; next to the mean simulation score of the same explanations.</p>"
+        '<div class="table-scroll"><table class="scores scorers"><thead><tr><th>explainer</th><th>scorer</th>'
+        "<th class=num>neurons</th><th class=num>mean score</th><th class=num>null</th>"
+        "<th class=num>mean simulation score</th></tr></thead><tbody>"
+    ]
+    for row in rows:
+        parts.append(
+            f"<tr><td><code>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
+            f"<td class=num>{fmt_number(row['neurons'])}</td><td class=\"num headline\">{fmt_score(row['mean_score'])}</td>"
+            f"<td class=num>{fmt_number(row['null_scores'])}</td><td class=num>{fmt_score(row['mean_simulation_score'])}</td></tr>"
+        )
+    parts.append("</tbody></table></div></section>")
+    return "".join(parts)
+
+
+# Output tokens shown per direction on a neuron page.
+SHOWN_OUTPUT_TOKENS = 10
+
+
+def _output_tokens_html(output_tokens: dict[str, Any]) -> str:
+    """The tokens the neuron's output weights promote and suppress, with their logit weights."""
+    columns = []
+    for key, title in (("promoted", "Promotes"), ("suppressed", "Suppresses")):
+        pairs = list(zip(output_tokens.get(f"{key}_tokens") or [], output_tokens.get(f"{key}_logits") or []))
+        items = "".join(
+            f'<li><code class="tok">{esc(repr(token)[1:-1])}</code> <span class="num muted">{logit:+.2f}</span></li>'
+            for token, logit in pairs[:SHOWN_OUTPUT_TOKENS]
+        )
+        columns.append(f'<div class="output-col {key}"><h3>{title}</h3><ol>{items}</ol></div>')
+    return (
+        '<section class="panel" id="output-tokens"><h2>Output tokens</h2>'
+        '<p class="hint">What the neuron writes: the tokens whose logits its output weights raise and lower most '
+        "(output vector through the final norm's gain and the unembedding; logit weight per unit of activation).</p>"
+        f'<div class="output-tokens">{"".join(columns)}</div></section>'
+    )
+
+
+def _similar_html(similar: dict[str, list[dict[str, Any]]]) -> str:
+    """Per explainer id, the neurons (any layer) whose explanations are nearest in meaning."""
+    parts = [
+        '<section class="panel" id="similar"><h2>Similar neurons</h2>'
+        "<p class=\"hint\">Neurons of any layer whose explanation (same explainer) is nearest in meaning to this "
+        "one's, by cosine similarity of their all-MiniLM-L6-v2 embeddings.</p>"
+    ]
+    for explainer_id, rows in similar.items():
+        parts.append(f'<h3><code>{esc(explainer_id)}</code></h3><table class="similar"><thead><tr><th>neuron</th>'
+                     "<th class=num>similarity</th><th>explanation</th></tr></thead><tbody>")
+        for row in rows:
+            href = f"../{layer_dir(row['layer'])}/{neuron_file(row['neuron'])}"
+            parts.append(
+                f'<tr><td><a href="{esc(href)}">layer {esc(row["layer"])} · {int(row["neuron"])}</a></td>'
+                f'<td class=num>{fmt_score(row["similarity"])}</td><td>{esc(row.get("explanation") or "")}</td></tr>'
+            )
+        parts.append("</tbody></table>")
+    parts.append("</section>")
     return "".join(parts)
 
 
@@ -392,6 +491,8 @@ def neuron_page(
     data: dict[str, Any],
     record_counts: dict[str, int],
     simulation_count: int,
+    output_tokens: dict[str, Any] | None = None,
+    similar: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     prev_link = f'<a rel="prev" href="{neuron_file(previous)}">← neuron {previous}</a>' if previous is not None else ""
     next_link = f'<a rel="next" href="{neuron_file(following)}">neuron {following} →</a>' if following is not None else ""
@@ -418,6 +519,10 @@ def neuron_page(
     else:
         body.append('<p class="muted">No explanation yet.</p>')
     body.append("</section>")
+    if output_tokens:
+        body.append(_output_tokens_html(output_tokens))
+    if similar:
+        body.append(_similar_html(similar))
     legend = (
         '<div class="scale"><span>activation</span><span class="ramp real" aria-hidden="true"></span>'
         f'<span>0 → {esc(fmt_number(data.get("scale")))} (neuron max)</span></div>'
