@@ -33,9 +33,10 @@ SECTIONS = {
     "gpu": "7. GPU",
     "outputs": "8. Output tokens and search by meaning",
     "scorers": "9. Scorers: cost and agreement (detection, fuzzing, embedding vs simulation)",
+    "vllm": "10. API simulation faithfulness: vLLM (top k) vs local",
 }
 # Execution order: the end-to-end run goes last, with whatever time is left.
-ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers"]
+ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu", "scorers"]
 # Sizes of the scorers section (bench/scorer_bench.py): the demo's LLM neurons.
 SCORER_SIZES = {
     "full": {"sequences": 400, "layers": "0,15,29", "neurons": "0-31", "llm_neurons": "0"},
@@ -79,8 +80,10 @@ FULL = {
         "search": {"layers": 48, "neurons": 6400, "reps": 5},
     },
     # Seconds kept for the sections after each one (a slow machine skips work rather than overrun).
-    "reserve": {"capture": 780, "layers": 690, "simulator": 600, "lake": 560, "api": 520, "outputs": 300, "e2e": 5, "gpu": 0, "scorers": 0},
-    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "outputs": 60, "e2e": 120, "gpu": 0, "scorers": 0},
+    "reserve": {"capture": 780, "layers": 690, "simulator": 600, "lake": 560, "api": 520, "outputs": 300, "vllm": 200, "e2e": 5, "gpu": 0, "scorers": 0},
+    "min_s": {"capture": 60, "layers": 40, "simulator": 40, "lake": 30, "api": 30, "outputs": 60, "vllm": 120, "e2e": 120, "gpu": 0, "scorers": 0},
+    # Section 10 needs vLLM's CPU build in its own venv (NEURON_PIPELINE_VLLM_PYTHON); without it, a note.
+    "vllm_excerpts": 6,
 }
 
 QUICK = {
@@ -108,8 +111,9 @@ QUICK = {
         "embed_texts": 64,
         "search": {"layers": 2, "neurons": 64, "reps": 2, "cli_reps": 1},
     },
-    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers")},
-    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "e2e", "gpu", "scorers")},
+    "reserve": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu", "scorers")},
+    "min_s": {k: 0 for k in ("capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu", "scorers")},
+    "vllm_excerpts": 1,
 }
 
 
@@ -277,13 +281,18 @@ def main(argv: list[str] | None = None) -> int:
 
         run_outputs(section, tmp / "outputs", sizes["outputs"])
 
+    def vllm(section):
+        from bench.vllm_bench import run_vllm
+
+        run_vllm(section, n_excerpts=sizes["vllm_excerpts"])
+
     def scorers(section):
         from bench.scorer_bench import run_scorers
 
         run_scorers(section, tmp / "scorers", threads=args.threads, **SCORER_SIZES["quick" if args.quick else "full"])
 
     bodies = {"capture": capture, "layers": layers, "simulator": simulator, "api": api, "lake": lake, "e2e": e2e, "gpu": _gpu,
-              "outputs": outputs, "scorers": scorers}
+              "outputs": outputs, "vllm": vllm, "scorers": scorers}
     results: dict[str, Section] = {}
     interrupted: list[str] = []
 

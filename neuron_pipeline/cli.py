@@ -86,8 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --verbose they show among Dagster's logs anyway).
     progress.echo(not args.verbose and not sys.stderr.isatty())
     stopper = _RunStopper()
-    with interrupts.StopOnSignal(stopper.first, stopper.second):
-        return _run(args, stopper)
+    try:
+        with interrupts.StopOnSignal(stopper.first, stopper.second):
+            return _run(args, stopper)
+    finally:
+        interrupts.clear()  # a later run in the same process (tests, notebooks) starts afresh
 
 
 RESUME_HINT = "run the same command again to resume; nothing written or paid for is lost"
@@ -629,7 +632,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     stored = "n/a (a model no longer configured)" if None in total_usd else f"${sum(total_usd):.4f}"
     console.print(f"LLM spend in the lake: {sum(layer.llm_tokens for layer in status.layers):,} tokens stored with the rows, {stored} at the configured prices", soft_wrap=True)
     if status.runs_usd is not None:
-        console.print(f"LLM spend recorded by {status.runs_counted} runs: {status.runs_tokens:,} new tokens, ${status.runs_usd:.4f} (stopped runs record none)", soft_wrap=True)
+        console.print(f"LLM spend recorded by {status.runs_counted} runs: ${status.runs_usd:.4f} for new calls (a stopped run records none)", soft_wrap=True)
     console.print(status.instance_note, soft_wrap=True)
     todo = {layer.layer: layer.todo() for layer in status.layers if layer.todo()}
     if todo:

@@ -106,3 +106,15 @@ def test_output_tokens_and_search_bench_tiny(tmp_path):
     assert any("random GPT-2 XL config" in m for m in metrics)
     assert any("search over 32 explanations" in m for m in metrics)
     assert section.data["search"]["explanations"] == 32 and len(section.data["search"]["cli_s"]) == 1
+
+
+def test_vllm_section_without_vllm_says_why(monkeypatch):
+    """Section 9 needs vLLM in its own venv; without it the section is a note, not an error."""
+    from bench.common import Section
+    from bench.vllm_bench import run_vllm
+
+    monkeypatch.delenv("NEURON_PIPELINE_VLLM_PYTHON", raising=False)
+    section = Section("vllm", "vllm")
+    run_vllm(section)
+    assert section.error is None and not section.rows
+    assert "NEURON_PIPELINE_VLLM_PYTHON" in section.notes[0]
