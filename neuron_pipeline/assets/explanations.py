@@ -20,7 +20,7 @@ from neuron_pipeline.assets.checks import (
     upstream_check_spec,
 )
 from neuron_pipeline.assets.layered import layer_neurons, llm_workers, record_chunks, run_by_layer
-from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.metadata import cost_metadata, failure_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
@@ -29,6 +29,7 @@ from neuron_pipeline.interp.explainer import Explainer, Explanation
 from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
+from neuron_pipeline.interp.reporting import explainer_label
 from neuron_pipeline.plan import run_plan
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -86,7 +87,7 @@ def _todo(
             splits = dataclasses.replace(splits, output_tokens=outputs_of(output_tokens, layer, neuron))
             fingerprint = content_hash(fingerprint, splits.output_tokens.fingerprint())
         if (neuron, fingerprint) in done:
-            kept.append(done[(neuron, fingerprint)])
+            kept.append({**done[(neuron, fingerprint)], "explainer_label": explainer_label(explainer)})
         else:
             yield neuron, fingerprint, splits
 
@@ -105,6 +106,7 @@ def _explanation_row(explainer: Explainer, model_id: str, layer: int, neuron: in
         "error": result.error,
         "records_hash": fingerprint,
         "created_at": datetime.now(timezone.utc),
+        "explainer_label": explainer_label(explainer),
     }
 
 
@@ -281,8 +283,9 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         # Per layer, from the lake (only the columns the metadata needs): coverage per partition.
         written = read_table(
             lake, "explanations", where={"layer": [str(layer) for layer in layers], "explainer_id": explainer_ids},
-            columns=["layer", "neuron", "explainer_id", "error"],
+            columns=["layer", "neuron", "explainer_id", "explainer_label", "error"],
         )
+        totals.update(failure_metadata(written, None))
         totals["neurons_explained"] = written.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique()
         totals.update(cost_metadata(llm.explainers()))
         totals["usd_in_layers"] = round(usd_in_layers, 6)

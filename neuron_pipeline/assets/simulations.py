@@ -13,6 +13,7 @@ from neuron_pipeline.assets.checks import (
     QualityGateFailed,
     check_result,
     check_rows,
+    gate,
     combine_reports,
     gate_upstream,
     quality_check_spec,
@@ -22,6 +23,7 @@ from neuron_pipeline.assets.layered import RowBuffer, layer_neurons, llm_workers
 from neuron_pipeline.assets.metadata import (
     VALUE_MASS_WARNING,
     cost_metadata,
+    failure_metadata,
     lake_metadata,
     low_value_mass,
     publish_layers,
@@ -33,6 +35,7 @@ from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResour
 from neuron_pipeline.config import RecordsSettings
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
+from neuron_pipeline.interp.reporting import error_text, pair_is_meaningful, simulator_label
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -88,9 +91,11 @@ def simulate_layers(
     complete slice (sorted by neuron) and the neurons whose simulation failed. Returns the number
     of neurons simulated anew."""
     calls = 0
+    label = simulator_label(simulator)
 
     def plan(layer: int):
         explanations, records, existing = load(layer)
+        existing = existing.filter(pl.col("error").is_null())  # failed simulations are retried
         kept_keys = set(existing.select("neuron", "input_hash").unique().iter_rows()) if existing.height else set()
         state: dict = {"rows": RowBuffer("simulations"), "kept": [], "existing": existing, "failed": []}
         by_neuron = {
@@ -125,10 +130,12 @@ def simulate_layers(
         neuron = explanation["neuron"]
         if progress is not None:
             progress(1)
+        error = None
         if isinstance(simulated, Exception):  # one neuron's failed calls must not stop the layer
-            state["failed"].append((neuron, f"{type(simulated).__name__}: {str(simulated)[:200]}"))
-            return
-        calls += 1
+            error = error_text(simulated)
+            state["failed"].append((neuron, error))
+            simulated = [None] * len(scored)  # one row per excerpt, with the error (lake/schemas.py)
+        calls += error is None
         for (kind, rank, record), simulation in zip(scored, simulated):
             state["rows"].add(
                 {
@@ -142,12 +149,14 @@ def simulate_layers(
                     "sequence_id": record.sequence_id,
                     "tokens": list(record.tokens),
                     "true_activations": list(record.activations),
-                    "expected_activations": list(simulation.expected_activations),
-                    "mode": simulation.mode,
+                    "expected_activations": None if error else list(simulation.expected_activations),
+                    "mode": None if error else simulation.mode,
                     "input_hash": input_hash,
-                    "prompt_tokens": simulation.prompt_tokens,
-                    "completion_tokens": simulation.completion_tokens,
-                    "value_mass": simulation.value_mass,
+                    "prompt_tokens": 0 if error else simulation.prompt_tokens,
+                    "completion_tokens": 0 if error else simulation.completion_tokens,
+                    "value_mass": None if error else simulation.value_mass,
+                    "simulator_label": label,
+                    "error": error,
                 }
             )
 
@@ -158,7 +167,8 @@ def simulate_layers(
         if state["kept"]:
             kept = pl.DataFrame(state["kept"], schema={"neuron": pl.Int32, "input_hash": pl.String}, orient="row")
             existing = state["existing"]
-            rows.add_frame(existing.join(kept.cast(existing.select("neuron", "input_hash").schema), on=["neuron", "input_hash"], how="semi"))
+            kept_rows = existing.join(kept.cast(existing.select("neuron", "input_hash").schema), on=["neuron", "input_hash"], how="semi")
+            rows.add_frame(kept_rows.with_columns(simulator_label=pl.lit(label, dtype=pl.String)))
         frame = rows.frame()
         # Stable: a neuron's rows keep their kind / rank order (row groups by neuron, lake/schemas.py).
         flush(layer, frame.sort("neuron", maintain_order=True), state["failed"])
@@ -200,6 +210,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         try:
             for explainer_id in explainer_ids:
                 for simulator_settings, simulator in llm.simulators():
+                    if not pair_is_meaningful(explainer_id, simulator.simulator_id):
+                        continue  # e.g. a prose explanation through the token look-up (interp/reporting.py)
                     simulator_ids.append(simulator.simulator_id)
                     simulator_layers = select_subset(simulator_settings.layers, layers)
 
@@ -241,12 +253,15 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         except QualityGateFailed as failed:
             yield failed.result
             raise failed.failure from None
+        if not reports:
+            # No (explainer, simulator) pair means anything: the gate says the table is empty.
+            yield from gate("simulations", table_frame("simulations", []), params)
         report = combine_reports("simulations", reports)
         written = read_table(
             lake,
             "simulations",
             where={"layer": [str(layer) for layer in layers], "explainer_id": explainer_ids, "simulator_id": simulator_ids},
-            columns=["layer", "neuron", "explainer_id", "simulator_id", "value_mass"],
+            columns=["layer", "neuron", "explainer_id", "simulator_id", "simulator_label", "error", "value_mass"],
         )
         low_mass = low_value_mass(written)
         if low_mass.height:
@@ -262,7 +277,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "simulated_excerpts": totals["simulated_excerpts"],
                 "new_simulations": totals["new_simulations"],
                 "failed_simulations": totals["failed_simulations"],
-                "neurons_simulated": written.select("layer", "neuron").n_unique(),
+                **failure_metadata(None, written),
+                "neurons_simulated": written.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique(),
                 **llm.usage(),
                 "prompt_tokens": totals["prompt_tokens"],
                 "completion_tokens": totals["completion_tokens"],
