@@ -56,8 +56,11 @@ class QualityGateFailed(Exception):
         self.failure = failure
 
 
-def check_rows(table: str, frame: pl.DataFrame, params: QualityParams) -> QualityReport:
-    """Validate rows about to be written; raise ``QualityGateFailed`` if they fail."""
+def check_rows(table: str, frame: pl.DataFrame, params: QualityParams, skip_empty: bool = False) -> QualityReport | None:
+    """Validate rows about to be written; raise ``QualityGateFailed`` if they fail. With
+    ``skip_empty`` an empty slice (a layer with nothing to write) is not validated: None."""
+    if skip_empty and frame.is_empty():
+        return None
     report = validate_table(table, frame, params)
     if not report.success:
         layers = frame["layer"].unique().sort().to_list() if "layer" in frame.columns and frame.height else []
@@ -68,19 +71,21 @@ def check_rows(table: str, frame: pl.DataFrame, params: QualityParams) -> Qualit
     return report
 
 
-def gate(table: str, frame: pl.DataFrame, params: QualityParams):
+def gate(table: str, frame: pl.DataFrame, params: QualityParams, skip_empty: bool = False):
     """Validate rows about to be written. Yields the check result and raises if they fail,
     so an asset uses it as ``report = yield from gate(...)`` right before ``write_table``."""
     try:
-        return check_rows(table, frame, params)
+        return check_rows(table, frame, params, skip_empty)
     except QualityGateFailed as failed:
         yield failed.result
         raise failed.failure from None
 
 
-def combine_reports(table: str, reports: list[QualityReport]) -> QualityReport:
+def combine_reports(table: str, reports: list[QualityReport | None]) -> QualityReport:
     """One passing report for the slices of a run validated one by one (a layer, a chunk):
-    rows summed, expectations as evaluated on each slice."""
+    rows summed, expectations as evaluated on each slice; empty slices (None) left out. (When
+    every slice was empty, the asset validates the run's empty rows as a whole, as before.)"""
+    reports = [r for r in reports if r is not None]
     return QualityReport(
         table=table,
         success=all(r.success for r in reports),

@@ -14,6 +14,7 @@ from neuron_pipeline.assets.checks import (
     QualityGateFailed,
     check_result,
     check_rows,
+    gate,
     combine_reports,
     gate_upstream,
     quality_check_spec,
@@ -258,7 +259,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 def flush(layer, frame, explainer=explainer):
                     nonlocal usd_in_layers
                     # Validated before it is written, one layer at a time: bad rows never land.
-                    reports.append(check_rows("explanations", frame, params))
+                    reports.append(check_rows("explanations", frame, params, skip_empty=True))
                     write_table(lake, "explanations", frame, replace_where={"layer": str(layer), "explainer_id": explainer.explainer_id})
                     totals["explained"] += frame.height
                     totals["errors"] += int(frame["error"].is_not_null().sum())
@@ -278,6 +279,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         except QualityGateFailed as failed:
             yield failed.result
             raise failed.failure from None
+        if not any(reports):  # every layer empty: the run's empty rows face the gate, as before
+            yield from gate("explanations", table_frame("explanations", []), params)
         report = combine_reports("explanations", reports)
         totals.update(llm.usage())
         # Per layer, from the lake (only the columns the metadata needs): coverage per partition.

@@ -133,10 +133,12 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
                 for i in range(0, len(neurons), SCORE_CHUNK)
             ]
             frame = pl.concat(parts) if parts else table_frame("scores", [])
-            reports.append((yield from gate("scores", frame, params)))
+            reports.append((yield from gate("scores", frame, params, skip_empty=True)))
             write_table(lake, "scores", frame, replace_where={"layer": str(layer)})
             frames.append(frame)
         combined = pl.concat(frames)
+        if not any(reports):  # every layer empty: the run's empty rows face the gate, as before
+            yield from gate("scores", combined, params)
         report = combine_reports("scores", reports)
         metadata = {**lake_metadata(lake, "scores"), "rows": combined.height}
         # Mean, quantiles, histogram and best neurons over the run's layers; per layer on each partition.

@@ -230,7 +230,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                             context.log.warning(f"layer {layer} neuron {neuron}: simulation failed: {error}")
                         totals["failed_simulations"] += len(failed)
                         # Validated before it is written, one layer at a time: bad rows never land.
-                        reports.append(check_rows("simulations", frame, params))
+                        reports.append(check_rows("simulations", frame, params, skip_empty=True))
                         write_table(
                             lake,
                             "simulations",
@@ -253,8 +253,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         except QualityGateFailed as failed:
             yield failed.result
             raise failed.failure from None
-        if not reports:
-            # No (explainer, simulator) pair means anything: the gate says the table is empty.
+        if not any(reports):
+            # Nothing simulated (e.g. no (explainer, simulator) pair means anything): the gate says so.
             yield from gate("simulations", table_frame("simulations", []), params)
         report = combine_reports("simulations", reports)
         written = read_table(
