@@ -20,6 +20,8 @@ from data_quality.core import (
 TABLE = "simulations"
 MIN_EXPECTED = "min(expected_activations)"
 MAX_EXPECTED = "max(expected_activations)"
+# Failed simulations are rows too (lake/schemas.py): error set, expected_activations and mode null.
+SIMULATED = "expected_activations and mode where error is null"
 
 
 def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
@@ -27,8 +29,9 @@ def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
     add_common(
         suite,
         TABLE,
-        ["model", "explainer_id", "simulator_id", "kind", "rank", "sequence_id", "mode", "len(tokens)"],
+        ["model", "explainer_id", "simulator_id", "kind", "rank", "sequence_id", "len(tokens)"],
     )
+    add(suite, "expected_activations and mode given when error is null", gxe().ExpectColumnValuesToNotBeNull(column=SIMULATED))
     # "calibration" rows are the held-out excerpts a calibrated simulator fits its line on.
     add(
         suite,
@@ -39,7 +42,7 @@ def build_suite(params: QualityParams, layers: Sequence[str] = ()) -> Any:
         suite,
         "len(expected_activations) == len(tokens)",
         gxe().ExpectColumnPairValuesToBeEqual(
-            column_A="len(expected_activations)", column_B="len(tokens)", ignore_row_if="neither"
+            column_A="len(expected_activations)", column_B="len(tokens)", ignore_row_if="either_value_is_missing"
         ),
     )
     add(
@@ -69,4 +72,9 @@ def prepare(frame: pl.DataFrame, params: QualityParams) -> pl.DataFrame:
         nonfinite_items("expected_activations"),
         nonfinite_items("true_activations"),
         pl.col("mode").str.strip_chars().str.len_chars().cast(pl.Int64).alias("len(mode)"),
+        pl.when(pl.col("error").is_not_null())
+        .then(pl.lit("(failed)"))
+        .when(pl.col("expected_activations").is_not_null() & pl.col("mode").is_not_null())
+        .then(pl.lit("(simulated)"))
+        .alias(SIMULATED),
     )

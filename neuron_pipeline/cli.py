@@ -86,8 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # --verbose they show among Dagster's logs anyway).
     progress.echo(not args.verbose and not sys.stderr.isatty())
     stopper = _RunStopper()
-    with interrupts.StopOnSignal(stopper.first, stopper.second):
-        return _run(args, stopper)
+    try:
+        with interrupts.StopOnSignal(stopper.first, stopper.second):
+            return _run(args, stopper)
+    finally:
+        interrupts.clear()  # a later run in the same process (tests, notebooks) starts afresh
 
 
 RESUME_HINT = "run the same command again to resume; nothing written or paid for is lost"
@@ -198,6 +201,7 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
         return result
 
     faults: dict[str, dict[str, int]] = {}
+    failure_reports: list = []  # per explainer / simulator, from each run's metadata
     try:
         materialize("corpus_tokens", selection=[corpus_key], tags=owner_tags())
         # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
@@ -213,21 +217,68 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
                 },
             )
             _add_faults(faults, result)
+            failure_reports.extend(_failure_reports(result))
         materialize("the viewer", selection=[viewer_key], tags=owner_tags())  # once, after every range
     except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
         raise stopper.interrupted() from None
     except dg.DagsterError as exc:
         raise _unwrap(exc) from None
     except dg.Failure as exc:  # a step that refused to go on, e.g. a failed quality gate
+        # An explainer or simulator that failed on everything is the cause worth naming.
+        _raise_total_failures(_lake_failure_report(settings, layers))
         raise RunFailed(f"{(exc.description or 'a step failed').splitlines()[0]}{_failed_calls(settings, layers)}") from None
-    _print_summary(settings, layers)
+    from neuron_pipeline.lake.outcomes import report_from_metadata
+
+    report = report_from_metadata(failure_reports)
+    _print_summary(settings, layers, report)
     _print_value_mass_warning(settings, layers)
     if any(faults.values()):
         print("API faults met (retried, or recorded with the neuron): " + "; ".join(
             f"{role}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
             for role, kinds in faults.items() if kinds
         ))
+    _raise_total_failures(report)
     return 0
+
+
+def _failure_reports(result) -> list[list[dict]]:
+    """The ``failure_report`` metadata of a run's explanations and simulations (one per asset: every
+    partition of a run carries the same run-level value)."""
+    seen: dict[str, list[dict]] = {}
+    for event in result.get_asset_materialization_events():
+        value = event.materialization.metadata.get("failure_report")
+        key = event.asset_key.to_user_string()
+        if value is not None and key not in seen:
+            seen[key] = list(value.value or [])
+    return list(seen.values())
+
+
+def _lake_failure_report(settings, layers: list[int]):
+    """The failure report of the run's layers as the lake has it (when a step stopped the run)."""
+    from neuron_pipeline.lake import read_table
+    from neuron_pipeline.lake.outcomes import failure_report
+
+    where = {"layer": [str(layer) for layer in layers]}
+    try:
+        explanations = read_table(settings.lake_location, "explanations", where=where)
+        columns = ["layer", "neuron", "explainer_id", "simulator_id", "simulator_label", "error"]
+        simulations = read_table(settings.lake_location, "simulations", where=where, columns=columns)
+    except Exception:  # noqa: BLE001 - only a better message
+        return None
+    return failure_report(explanations, simulations)
+
+
+def _raise_total_failures(report) -> None:
+    """Exit 1 (one line) when an explainer or simulator failed on every neuron it ran on."""
+    from neuron_pipeline.lake.outcomes import describe_failure, total_failures
+
+    if report is None:
+        return
+    total = total_failures(report)
+    if total.height:
+        raise RunFailed(
+            "; ".join(describe_failure(row) for row in total.iter_rows(named=True)) + " - every call failed or was unusable"
+        )
 
 
 def _print_value_mass_warning(settings, layers: list[int]) -> None:
@@ -295,16 +346,25 @@ def _preflight(settings) -> None:
         check_table_schema(settings.lake_location, table)
     for llm_settings in [*settings.explainers, *settings.simulators, *settings.scorer_entries]:
         check_llm_settings(llm_settings)
+    # The token look-up simulates only the baseline's token lists (interp/reporting.py).
+    if all(e.backend != "baseline" for e in settings.explainers) and all(s.backend == "baseline" for s in settings.simulators):
+        raise UserError(
+            "simulators: only the baseline simulator is configured, and it simulates only the baseline explainer's "
+            "token lists: add a simulator with backend local or openai to score the LLM explanations"
+        )
 
 
-def _print_summary(settings, layers: list[int]) -> None:
+def _print_summary(settings, layers: list[int], report=None) -> None:
     import polars as pl
     from rich.console import Console
     from rich.table import Table
 
+    from neuron_pipeline.interp.reporting import label_or_id
     from neuron_pipeline.lake import read_table
+    from neuron_pipeline.lake.outcomes import meaningful_pairs
 
     summary = read_table(settings.lake_location, "layer_summary", where={"layer": [str(layer) for layer in layers]})
+    summary = meaningful_pairs(summary)
     console = Console(width=max(Console().width, 150))
     table = Table(title=f"neuron-pipeline summary: {summary['model'][0] if summary.height else ''}")
     for column in (
@@ -317,21 +377,25 @@ def _print_summary(settings, layers: list[int]) -> None:
         "best neuron",
         "explanation",
     ):
-        table.add_column(column)
+        # Labels (model · prompt · variant) over the hash ids; the explanation gets what is left.
+        width = {"explainer": 30, "simulator": 30}.get(column)
+        table.add_column(column, min_width=width, max_width=40 if column == "explanation" else None, overflow="fold")
     for row in summary.with_columns(pl.col("layer").cast(pl.Int64)).sort("layer", "explainer_id").iter_rows(named=True):
         mean = "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}"
         best = "n/a" if row["best_neuron"] is None else f"{row['best_neuron']} ({row['best_score']:.2f})"
         table.add_row(
             str(row["layer"]),
-            row["explainer_id"],
-            row["simulator_id"],
-            str(row["neurons_scored"] + row["neurons_null"]),
+            f"{label_or_id(row['explainer_label'], row['explainer_id'])}\n[dim]{row['explainer_id']}[/dim]",
+            f"{label_or_id(row['simulator_label'], row['simulator_id'])}\n[dim]{row['simulator_id']}[/dim]",
+            str(row["neurons_scored"] + row["neurons_null"])
+            + (f" ({row['neurons_null']} n/a)" if row["neurons_null"] else ""),
             mean,
             "n/a" if row["baseline_mean_score"] is None else f"{row['baseline_mean_score']:.3f}",
             best,
             (row["best_explanation"] or "")[:60],
         )
     console.print(table)
+    _print_failures(console, report)
     _print_scorer_summary(console, settings, layers)
     # Explainer cost repeats on every simulator row of its pair: count it once per explainer.
     per_explainer = summary.unique(["layer", "explainer_id"])
@@ -359,6 +423,29 @@ def _print_summary(settings, layers: list[int]) -> None:
         console.print(f"viewer: {viewer_index}")
 
 
+def _print_failures(console, report) -> None:
+    """Per explainer / simulator that failed or answered unusably on some neurons: how many, and
+    the first error (lake/outcomes.py)."""
+    from rich.table import Table
+
+    if report is None or report.is_empty():
+        return
+    import polars as pl
+
+    bad = report.filter(pl.col("failed") + pl.col("unusable") > 0)
+    if bad.is_empty():
+        return
+    table = Table(title="failed or unusable LLM calls (recorded in the tables; retried on the next run)")
+    for column in ("", "label", "id", "attempted", "failed", "unusable", "first error"):
+        table.add_column(column)
+    for row in bad.iter_rows(named=True):
+        table.add_row(
+            row["role"], row["label"], row["id"], str(row["attempted"]), str(row["failed"]), str(row["unusable"]),
+            (row["first_error"] or "")[:120],
+        )
+    console.print(table)
+
+
 def _scorer_summary(lake, layers: list[int]):
     """Per layer, explainer and scorer: neurons scored, mean score, null scores, failed groups, tokens."""
     import polars as pl
@@ -384,16 +471,24 @@ def _print_scorer_summary(console, settings, layers: list[int]) -> None:
     """Detection / fuzzing / embedding scores of the run's layers (README: what each score means)."""
     from rich.table import Table
 
+    from neuron_pipeline.lake import read_table
+
     summary = _scorer_summary(settings.lake_location, layers)
     if summary.is_empty():
         return
+    # The explainer's label (interp/reporting.py) next to its id.
+    explanations = read_table(
+        settings.lake_location, "explanations", where={"layer": [str(layer) for layer in layers]},
+        columns=["explainer_id", "explainer_label"],
+    )
+    labels = dict(explanations.drop_nulls().unique("explainer_id").iter_rows())
     table = Table(title="scorers (detection, fuzzing: balanced accuracy; embedding: AUROC; 0.5 = chance)")
     for column in ("layer", "explainer", "scorer", "neurons", "mean score", "null", "failed groups", "tokens"):
         table.add_column(column)
     for row in summary.iter_rows(named=True):
         table.add_row(
             str(row["layer"]),
-            row["explainer_id"],
+            f"{labels.get(row['explainer_id'], row['explainer_id'])}\n[dim]{row['explainer_id']}[/dim]",
             row["scorer_id"],
             str(row["neurons"]),
             "n/a" if row["mean_score"] is None else f"{row['mean_score']:.3f}",
@@ -426,9 +521,12 @@ def _scorer_lines(rows) -> list[str]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.text import Text
 
+    from neuron_pipeline.interp.reporting import label_or_id
     from neuron_pipeline.lake import read_table
+    from neuron_pipeline.lake.outcomes import meaningful_pairs
 
     settings = _settings(args)
     lake = settings.lake_location
@@ -441,16 +539,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]layer {args.layer} neuron {args.neuron}[/bold]  ({records['model'][0]})")
     explanations = read_table(lake, "explanations", where=where)
-    scores = read_table(lake, "scores", where=where)
+    scores = meaningful_pairs(read_table(lake, "scores", where=where))
     scorer_rows = read_table(lake, "scorer_results", where=where)
     for row in explanations.iter_rows(named=True):
-        console.print(f"\n[bold]{row['explainer_id']}[/bold] ({row['explainer_model']}): {row['explanation'] or row['error']}")
+        text = row["explanation"] or f"(failed: {row['error']})"
+        console.print(
+            f"\n[bold]{escape(label_or_id(row['explainer_label'], row['explainer_model']))}[/bold] [dim]{row['explainer_id']}[/dim]: "
+            f"{escape(text)}"
+        )
         for s in scores.filter(scores["explainer_id"] == row["explainer_id"]).iter_rows(named=True):
             fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             console.print(
-                f"  simulator {s['simulator_id']}: score {fmt(s['score'])} "
+                f"  simulator {escape(label_or_id(s['simulator_label'], s['simulator_id']))} [dim]{s['simulator_id']}[/dim]: "
+                f"score {fmt(s['score'])} "
                 f"(top {fmt(s['score_top'])}, random {fmt(s['score_random'])})"
-                + (f" [{s['null_reason']}]" if s["null_reason"] else "")
+                + (f" [{escape(s['null_reason'])}]" if s["null_reason"] else "")
             )
         for line in _scorer_lines(scorer_rows.filter(scorer_rows["explainer_id"] == row["explainer_id"])):
             console.print(line)
@@ -609,7 +712,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     stored = "n/a (a model no longer configured)" if None in total_usd else f"${sum(total_usd):.4f}"
     console.print(f"LLM spend in the lake: {sum(layer.llm_tokens for layer in status.layers):,} tokens stored with the rows, {stored} at the configured prices", soft_wrap=True)
     if status.runs_usd is not None:
-        console.print(f"LLM spend recorded by {status.runs_counted} runs: {status.runs_tokens:,} new tokens, ${status.runs_usd:.4f} (stopped runs record none)", soft_wrap=True)
+        console.print(f"LLM spend recorded by {status.runs_counted} runs: ${status.runs_usd:.4f} for new calls (a stopped run records none)", soft_wrap=True)
     console.print(status.instance_note, soft_wrap=True)
     todo = {layer.layer: layer.todo() for layer in status.layers if layer.todo()}
     if todo:

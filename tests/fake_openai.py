@@ -72,6 +72,14 @@ FAULTS = {
 
 LOGPROBS_MODES = ("full", "openai", "none", "generated_only", "shifted")
 
+EXPLAINER_STYLES = {
+    "continue": 'continues the prompt\'s sentence: \' the word "X" and words like it.\'',
+    "sentence": 'ignores the prefill, answers a full sentence: \'This neuron responds to the word "X" and words like it.\'',
+    "echo": 'repeats the prefix first: \'The main thing neuron C does is find the word "X" and words like it.\'',
+    "garbage": "continues the excerpt listing instead of explaining: '<start>\\nX\\t10\\n<end>'",
+    "simulator_garbage": "explains like 'continue', but answers simulator prompts with prose (no token<TAB>value line)",
+}
+
 _TOKEN_SPLIT_DIGITS = re.compile(r"\n|\t| ?[A-Za-z]+|\d| ?[^\sA-Za-z\d]+|\s")
 _TOKEN_WHOLE_NUMBERS = re.compile(r"\n|\t| ?[A-Za-z]+|\d+| ?[^\sA-Za-z\d]+|\s")
 
@@ -155,6 +163,9 @@ class FakeOpenAIServer:
     fault_rates: dict[str, float] = field(default_factory=dict)
     require_api_key: str | None = None
     reject_max_tokens: bool = False  # like OpenAI's reasoning models: only max_completion_tokens
+    # How explanations are worded (:data:`EXPLAINER_STYLES`): real chat servers answer a new turn
+    # after a trailing assistant message instead of continuing it.
+    explainer_style: str = "continue"
     max_logprobs: int = 20  # like vLLM's --max-logprobs: more is refused with a 400 naming the cap
     batch_polls: int = 2  # GET /v1/batches/{id} answers "in_progress" this many times, then the batch ends
     batch_outcome: str = "completed"  # completed | expired | partial | failed
@@ -162,6 +173,8 @@ class FakeOpenAIServer:
     def __post_init__(self) -> None:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}")
+        if self.explainer_style not in EXPLAINER_STYLES:
+            raise ValueError(f"explainer_style must be one of {sorted(EXPLAINER_STYLES)}")
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -335,7 +348,7 @@ class FakeOpenAIServer:
         if top_k > self.max_logprobs:
             return 400, _error(f"top_logprobs must be at most {self.max_logprobs}", "top_logprobs")
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
-        content = chat_content(messages)
+        content = chat_content(messages, self.explainer_style)
         if fault == "empty_content":
             content = ""
         if fault == "garbled":
@@ -496,16 +509,19 @@ def judgement(prompt: str) -> str:
     return "\n".join(lines)
 
 
-def chat_content(messages: list[dict]) -> str:
+def chat_content(messages: list[dict], explainer_style: str = "continue") -> str:
     """What the fake assistant answers: simulator prompts get "token<TAB>value" lines, detection
     and fuzzing prompts (also when re-asked) a yes/no line per excerpt, anything else an explanation
-    naming the highest-valued token of the last excerpt listing."""
+    naming the highest-valued token of the last excerpt listing, worded as ``explainer_style`` says
+    (:data:`EXPLAINER_STYLES`)."""
     users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
     judged = [u for u in users if "Explanation: the neuron fires on" in u and "\nExcerpts:\n" in u]
     if judged:
         return judgement(judged[-1])
     last = users[-1] if users else ""
     if "Rewrite the" in last and "<start>\n" in last:
+        if explainer_style == "simulator_garbage":
+            return "I think this neuron is about words."
         listing = last.rsplit("<start>\n", 1)[1].split("\n<end>", 1)[0]
         explanations = re.findall(r"Explanation: (.*)", last)
         explanation = explanations[-1] if explanations else ""
@@ -521,7 +537,14 @@ def chat_content(messages: list[dict]) -> str:
     promotes = f', and it makes the model say "{promoted[-1].strip()}"' if promoted else ""
     if best is None:
         return f" things mentioned in the prompt{promotes}."
-    return f' the word "{best.strip()}" and words like it{promotes}.'
+    phrase = f'the word "{best.strip()}" and words like it{promotes}.'
+    if explainer_style == "sentence":
+        return f"This neuron responds to {phrase}"
+    if explainer_style == "echo":
+        return f"The main thing neuron C does is find {phrase}"
+    if explainer_style == "garbage":
+        return f"<start>\n{best.strip()}\t{best_value}\n<end>"
+    return f" {phrase}"
 
 
 def _multipart(content_type: str, data: bytes) -> dict[str, Any]:

@@ -609,7 +609,7 @@ def test_simulations_length_mismatch_kind_and_mode():
     fail = failure(report, "len(expected_activations) == len(tokens)")
     assert fail["unexpected_count"] == 1 and fail["unexpected_values"] == [[L + 2, L]]
     assert failure(report, "kind in {top, random, calibration}")["unexpected_values"] == ["quantile"]
-    assert failure(report, "mode is not null")["unexpected_count"] == 1
+    assert failure(report, "expected_activations and mode given when error is null")["unexpected_count"] == 1
     assert report.failed == 3
     assert failing_row_indices(report) == [3, 4, 6]
 

@@ -350,7 +350,7 @@ def test_llm_explainer_on_the_backend(server, make_client):
     explanation = explainer.explain(records())
     assert explanation.text == "" and explanation.error.startswith("unusable completion")
     server.script("no_choices")
-    assert explainer.explain(records()).error == "no completion"
+    assert explainer.explain(records()).error == "unusable completion: no completion"
     assert client.faults["unusable_content"] == 2
 
     server.script("ok", "500", "500")  # the second neuron's call fails twice: out of retries

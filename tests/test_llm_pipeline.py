@@ -65,7 +65,10 @@ def test_local_llm_explains_simulates_and_scores_next_to_the_baseline(tmp_path):
 
     summary = read_table(lake, "layer_summary")
     llm_summary = summary.filter(pl.col("explainer_id").str.starts_with("llm-"))
-    assert llm_summary.height == 2  # scored by the baseline simulator and by the LLM simulator
+    # Scored by the LLM simulator only: the token look-up cannot read a prose explanation.
+    assert llm_summary.height == 1 and llm_summary["simulator_id"][0].startswith("all_at_once-")
+    assert llm_summary["explainer_label"][0] == "smollm2-135m-instruct · explainer_v1"
+    assert llm_summary["simulator_label"][0] == "smollm2-135m-instruct · simulator_v1 · all-at-once"
     assert llm_summary["baseline_mean_score"].is_not_null().all()
     assert first["explanations"]["cache_misses"] >= 1
 

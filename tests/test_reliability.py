@@ -167,13 +167,17 @@ def test_a_layer_completes_with_30_percent_of_api_calls_faulty(tmp_path, monkeyp
         failed_first = sorted(explanations.filter(pl.col("error").is_not_null())["neuron"].to_list())
         explained_first = NEURONS - set(failed_first)
         simulations = read_table(lake, "simulations", where={"layer": "0"})
-        simulated_first = set(simulations["neuron"].to_list())
+        # A failed simulation is recorded too: its excerpts' rows carry the error, no values.
+        simulated_first = set(simulations.filter(pl.col("error").is_null())["neuron"].to_list())
         failed_simulations = first["simulations"]["failed_simulations"]
         assert simulated_first <= explained_first
         assert len(explained_first - simulated_first) == failed_simulations
+        assert set(simulations["neuron"].to_list()) == explained_first
         assert (simulations.group_by("neuron").len()["len"] == 10).all()
         scores = read_table(lake, "scores", where={"layer": "0"})
-        assert set(scores["neuron"].to_list()) == simulated_first
+        failed_scores = scores.filter(pl.col("null_reason").str.starts_with("simulation failed: ").fill_null(False))
+        assert set(scores["neuron"].to_list()) == explained_first
+        assert set(failed_scores["neuron"].to_list()) == explained_first - simulated_first
 
         # Retries are bounded: at most max_retries + 1 attempts per call.
         by_endpoint = collections.Counter(_endpoint(r) for r in faulty_posts)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAIServer  # noqa: E402
 from reliability.lake_checks import settings_variables, write_small_corpus  # noqa: E402
 
-from neuron_pipeline.lake import read_table  # noqa: E402
+from neuron_pipeline.lake import read_table, table_exists  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -92,12 +92,18 @@ def test_status_shows_stale_failed_and_complete_layers_and_the_spend(tmp_path, m
     assert "layer 2 explanations failed: run " in out and "server_error after 2 attempts" in out
     assert f"layer 0: {', '.join(after_explanations)}; layer 2: {', '.join(after_explanations)}" in out
 
-    # LLM spend: the tokens stored with the simulations at the configured prices.
-    simulations = read_table(lake, "simulations")
+    # LLM spend: the tokens stored with the simulations (and scorer results) at the configured prices.
     expected = {}
-    for layer, rows in simulations.group_by("layer"):
-        prompt, completion = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
-        expected[layer[0]] = (prompt + completion, (prompt * PRICES["usd_per_million_prompt"] + completion * PRICES["usd_per_million_completion"]) / 1e6)
+    for table, entries in (("simulations", settings.simulators), ("scorer_results", settings.scorer_entries)):
+        priced = {(e.usd_per_million_prompt, e.usd_per_million_completion) for e in entries if e.backend != "baseline"}
+        rows_of = read_table(lake, table) if table_exists(lake, table) else pl.DataFrame()
+        for layer, rows in (rows_of.group_by("layer") if rows_of.height else []):
+            prompt, completion = int(rows["prompt_tokens"].sum()), int(rows["completion_tokens"].sum())
+            if not prompt + completion:
+                continue
+            [(per_prompt, per_completion)] = priced
+            tokens, usd = expected.get(layer[0], (0, 0.0))
+            expected[layer[0]] = (tokens + prompt + completion, usd + (prompt * per_prompt + completion * per_completion) / 1e6)
     assert set(expected) == {"0", "1"}
     for layer, (tokens, usd) in expected.items():
         assert tokens > 0 and status[layer].llm_tokens == tokens

@@ -11,7 +11,7 @@ import dagster as dg
 
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
-from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
+from neuron_pipeline.assets.metadata import cost_metadata, failure_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
@@ -20,6 +20,7 @@ from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
+from neuron_pipeline.interp.reporting import explainer_label
 from neuron_pipeline.plan import run_plan
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -69,6 +70,7 @@ def explain_layer(
         if row["error"] is None
     }
     rows, todo = [], []
+    label = explainer_label(explainer)
     for neuron in sorted(records_by_neuron):
         splits = split_records(
             records_by_neuron[neuron],
@@ -83,7 +85,7 @@ def explain_layer(
             splits = dataclasses.replace(splits, output_tokens=outputs_of(output_tokens, layer, neuron))
             fingerprint = content_hash(fingerprint, splits.output_tokens.fingerprint())
         if (neuron, fingerprint) in done:
-            rows.append(done[(neuron, fingerprint)])
+            rows.append({**done[(neuron, fingerprint)], "explainer_label": label})
         else:
             todo.append((neuron, fingerprint, splits))
     if hasattr(explainer, "explain_splits"):
@@ -113,6 +115,7 @@ def explain_layer(
                         "error": result.error,
                         "records_hash": fingerprint,
                         "created_at": datetime.now(timezone.utc),
+                        "explainer_label": label,
                     }
                 )
             bar.update(len(chunk))
@@ -199,6 +202,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         totals.update(llm.usage())
         totals["neurons_explained"] = combined.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique()
         totals.update(cost_metadata(llm.explainers(), combined))
+        totals.update(failure_metadata(combined, None))
         publish_layers(context, "explanations", combined)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],

@@ -15,7 +15,9 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from neuron_pipeline.interp.reporting import label_or_id
 from neuron_pipeline.lake import open_table, read_table, table_exists, table_path
+from neuron_pipeline.lake.outcomes import failure_report
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 TOP_NEURONS = 10
@@ -57,8 +59,9 @@ def layer_metadata(table: str, rows: pl.DataFrame, expected_neurons: int | None 
         out["neurons_explained"] = ok["neuron"].n_unique()
         out["coverage"] = dg.MetadataValue.md(_markdown(_coverage(rows, ["explainer_id"], ok=pl.col("error").is_null())))
     elif table == "simulations":
-        out["neurons_simulated"] = neurons
-        out["coverage"] = dg.MetadataValue.md(_markdown(_coverage(rows, ["explainer_id", "simulator_id"])))
+        ok = pl.col("error").is_null()
+        out["neurons_simulated"] = rows.filter(ok)["neuron"].n_unique()
+        out["coverage"] = dg.MetadataValue.md(_markdown(_coverage(rows, ["explainer_id", "simulator_id"], ok=ok)))
     elif table == "scores":
         out.update(score_metadata(rows, lake))
         out["coverage"] = dg.MetadataValue.md(
@@ -68,10 +71,13 @@ def layer_metadata(table: str, rows: pl.DataFrame, expected_neurons: int | None 
 
 
 def _coverage(rows: pl.DataFrame, by: list[str], ok: pl.Expr | None = None) -> pl.DataFrame:
-    aggs = [pl.col("neuron").n_unique().alias("neurons")]
+    # Labels first: the ids are hashes (interp/reporting.py).
+    labels = [c.replace("_id", "_label") for c in by if c.replace("_id", "_label") in rows.columns]
+    aggs = [pl.col(label).drop_nulls().first() for label in labels] + [pl.col("neuron").n_unique().alias("neurons")]
     if ok is not None:
         aggs.append(pl.col("neuron").filter(ok).n_unique().alias("with_result"))
-    return rows.group_by(by).agg(aggs).sort(by)
+    frame = rows.group_by(by).agg(aggs).sort(by)
+    return frame.select(*labels, *by, *[c for c in frame.columns if c not in labels and c not in by])
 
 
 def score_metadata(scores: pl.DataFrame, lake=None) -> dict[str, Any]:
@@ -85,9 +91,28 @@ def score_metadata(scores: pl.DataFrame, lake=None) -> dict[str, Any]:
     for q in QUANTILES:
         out[f"p{int(q * 100)}_score"] = float(valid.quantile(q, interpolation="linear"))
     out["frac_score_ge_0_8"] = float((valid >= 0.8).mean())
+    out["scores_by_pair"] = dg.MetadataValue.md(_markdown(scores_by_pair(scores)))
     out["score_histogram"] = dg.MetadataValue.md(score_histogram_markdown(scores))
     out["top_neurons"] = top_neurons_table(scores, lake)
     return out
+
+
+def scores_by_pair(scores: pl.DataFrame) -> pl.DataFrame:
+    """The headline figures per (explainer, simulator) pair with its neuron count: the mean over
+    all rows mixes pairs (an LLM's scores with the baseline's)."""
+    labels = [c for c in ("explainer_label", "simulator_label") if c in scores.columns]
+    return (
+        scores.group_by("explainer_id", "simulator_id")
+        .agg(
+            *[pl.col(c).drop_nulls().first() for c in labels],
+            pl.col("score").is_not_null().sum().alias("neurons_scored"),
+            pl.col("score").is_null().sum().alias("neurons_null"),
+            pl.col("score").mean().alias("mean_score"),
+            (pl.col("score") >= 0.8).sum().alias("score_ge_0_8"),
+        )
+        .sort("explainer_id", "simulator_id")
+        .select(*labels, "explainer_id", "simulator_id", "neurons_scored", "neurons_null", "mean_score", "score_ge_0_8")
+    )
 
 
 def score_histogram_markdown(scores: pl.DataFrame) -> str:
@@ -108,7 +133,7 @@ def score_histogram_markdown(scores: pl.DataFrame) -> str:
             bins=bins,
             alpha=0.6,
             color="grey" if baseline else None,
-            label=f"{explainer_id} / {simulator_id}",
+            label=_pair_label(group, explainer_id, simulator_id),
         )
     ax.axvline(0.8, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlabel("score (correlation)")
@@ -121,6 +146,15 @@ def score_histogram_markdown(scores: pl.DataFrame) -> str:
     plt.close(fig)
     encoded = base64.b64encode(buffer.getvalue()).decode()
     return f"![score histogram](data:image/png;base64,{encoded})"
+
+
+def _pair_label(rows: pl.DataFrame, explainer_id: str, simulator_id: str) -> str:
+    """"explainer label → simulator label" from a frame's label columns (the ids when absent)."""
+    def first(column: str, fallback: str) -> str:
+        values = rows[column].drop_nulls() if column in rows.columns else None
+        return values[0] if values is not None and values.len() else fallback
+
+    return f"{first('explainer_label', explainer_id)} → {first('simulator_label', simulator_id)}"
 
 
 def top_neurons_table(scores: pl.DataFrame, lake=None, n: int = TOP_NEURONS) -> dg.TableMetadataValue:
@@ -140,6 +174,8 @@ def top_neurons_table(scores: pl.DataFrame, lake=None, n: int = TOP_NEURONS) -> 
                 "layer": row["layer"],
                 "neuron": int(row["neuron"]),
                 "score": round(float(row["score"]), 4),
+                "explainer": label_or_id(row.get("explainer_label"), row["explainer_id"]),
+                "simulator": label_or_id(row.get("simulator_label"), row["simulator_id"]),
                 "explainer_id": row["explainer_id"],
                 "simulator_id": row["simulator_id"],
                 "explanation": (texts.get((row["layer"], row["neuron"], row["explainer_id"])) or "")[:200],
@@ -152,12 +188,31 @@ def top_neurons_table(scores: pl.DataFrame, lake=None, n: int = TOP_NEURONS) -> 
             dg.TableColumn("layer", "string"),
             dg.TableColumn("neuron", "int"),
             dg.TableColumn("score", "float"),
+            dg.TableColumn("explainer", "string"),
+            dg.TableColumn("simulator", "string"),
             dg.TableColumn("explainer_id", "string"),
             dg.TableColumn("simulator_id", "string"),
             dg.TableColumn("explanation", "string"),
         ]
     )
     return dg.MetadataValue.table(records=records, schema=schema)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def failure_metadata(explanations: pl.DataFrame | None, simulations: pl.DataFrame | None) -> dict[str, Any]:
+    """Per explainer / simulator of the run: neurons attempted, failed, unusable, first error —
+    as a table for the UI and as JSON (``failure_report``) the CLI reads back (lake/outcomes.py)."""
+    report = failure_report(explanations, simulations)
+    if report.is_empty():
+        return {}
+    shown = report.with_columns(pl.col("first_error").fill_null("").str.slice(0, 160))
+    return {
+        "failures": dg.MetadataValue.md(_markdown(shown)),
+        "neurons_failed": int(report["failed"].sum() + report["unusable"].sum()),
+        "failure_report": dg.MetadataValue.json(report.to_dicts()),
+    }
 
 
 # --------------------------------------------------------------------------- cost

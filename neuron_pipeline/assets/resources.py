@@ -113,11 +113,11 @@ class LLMResource(dg.ConfigurableResource):
         return usage
 
     def spend(self) -> tuple[int, float]:
-        """New (paid) tokens and dollars so far of the explainers and simulators built in this run
-        (for progress lines)."""
+        """New (paid) tokens and dollars so far of the explainers, simulators and scorers built in
+        this run (for progress lines)."""
         from neuron_pipeline.assets.metadata import spend
 
-        return spend((self._simulators or []) + (self._explainers or []))
+        return spend((self._simulators or []) + (self._explainers or []) + (self._scorers or []))
 
     def faults(self) -> dict[str, dict[str, int]]:
         """Faults the API backends met this run, by kind (``openai_api.FAULT_KINDS``: rate_limited,

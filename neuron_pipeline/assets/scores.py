@@ -15,14 +15,38 @@ from neuron_pipeline.interp.prompts import MAX_VALUE
 from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
 from neuron_pipeline.interp.variants import fit_calibration
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+from neuron_pipeline.lake.outcomes import meaningful_pairs
 
 
-def score_layer(simulations: pl.DataFrame, max_activation: dict[int, float]) -> pl.DataFrame:
-    """One score row per (neuron, explainer id, simulator id) of a layer's simulations."""
+def score_layer(
+    simulations: pl.DataFrame, max_activation: dict[int, float], explainer_labels: dict[str, str] | None = None
+) -> pl.DataFrame:
+    """One score row per (neuron, explainer id, simulator id) of a layer's simulations; a failed
+    simulation gets a null score whose reason is the error. Pairs that mean nothing are left out."""
     rows = []
     group_keys = ["model", "layer", "neuron", "explainer_id", "simulator_id"]
+    simulations = meaningful_pairs(simulations)
     for key, group in simulations.sort("kind", "rank").group_by(group_keys, maintain_order=True):
         model, layer, neuron, explainer_id, simulator_id = key
+        labels = {
+            "explainer_label": (explainer_labels or {}).get(explainer_id),
+            "simulator_label": next(iter(group["simulator_label"].drop_nulls()), None),
+        }
+        errors = group["error"].drop_nulls()
+        if errors.len():
+            rows.append(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "neuron": neuron,
+                    "explainer_id": explainer_id,
+                    "simulator_id": simulator_id,
+                    "n_tokens": 0,
+                    "null_reason": f"simulation failed: {errors[0]}",
+                    **labels,
+                }
+            )
+            continue
         by_kind = {"top": [], "random": [], "calibration": []}
         for row in group.iter_rows(named=True):
             by_kind[row["kind"]].append(ScoredSequence(row["true_activations"], row["expected_activations"]))
@@ -56,6 +80,7 @@ def score_layer(simulations: pl.DataFrame, max_activation: dict[int, float]) -> 
                 "absolute_dev_explained": score.absolute_dev_explained,
                 "n_tokens": score.n_tokens,
                 "null_reason": score.null_reason,
+                **labels,
             }
         )
     return table_frame("scores", rows)
@@ -85,7 +110,11 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         for layer in layers:
             stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
             max_activation = dict(zip(stats["neuron"].to_list(), stats["max"].to_list()))
-            frames.append(score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation))
+            labels = read_table(lake, "explanations", where={"layer": str(layer)}, columns=["explainer_id", "explainer_label"])
+            explainer_labels = dict(labels.drop_nulls().unique("explainer_id").iter_rows())
+            frames.append(
+                score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation, explainer_labels)
+            )
         combined = pl.concat(frames)
         report = yield from gate("scores", combined, QualityParams.from_settings(pipeline.settings))
         write_table(lake, "scores", combined, replace_where={"layer": [str(layer) for layer in layers]})

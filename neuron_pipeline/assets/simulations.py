@@ -11,6 +11,7 @@ from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, qua
 from neuron_pipeline.assets.metadata import (
     VALUE_MASS_WARNING,
     cost_metadata,
+    failure_metadata,
     lake_metadata,
     low_value_mass,
     publish_layers,
@@ -22,6 +23,7 @@ from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResour
 from neuron_pipeline.config import RecordsSettings
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
+from neuron_pipeline.interp.reporting import error_text, pair_is_meaningful, simulator_label
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -35,9 +37,11 @@ def simulate_layer(
 ) -> tuple[pl.DataFrame, int, list[tuple[int, str]]]:
     """Simulations of the scored top and random excerpts for one explainer id and simulator.
     Rows whose (explanation, excerpts) fingerprint is unchanged are kept, not recomputed."""
+    label = simulator_label(simulator)
     kept = {}
     for row in existing.iter_rows(named=True):
-        kept.setdefault((row["neuron"], row["input_hash"]), []).append(row)
+        if row["error"] is None:  # failed simulations are retried
+            kept.setdefault((row["neuron"], row["input_hash"]), []).append({**row, "simulator_label": label})
     rows, calls, failed = [], 0, []
     for explanation in track(
         explanations.sort("neuron").iter_rows(named=True),
@@ -66,10 +70,12 @@ def simulate_layer(
             continue
         try:
             simulated = simulator.simulate(explanation["explanation"], [r.tokens for _, _, r in scored])
+            error = None
         except Exception as exc:  # noqa: BLE001 - one neuron's failed calls must not stop the layer
-            failed.append((neuron, f"{type(exc).__name__}: {str(exc)[:200]}"))
-            continue
-        calls += 1
+            error = error_text(exc)
+            failed.append((neuron, error))
+            simulated = [None] * len(scored)  # one row per excerpt, with the error (lake/schemas.py)
+        calls += error is None
         for (kind, rank, record), simulation in zip(scored, simulated):
             rows.append(
                 {
@@ -83,12 +89,14 @@ def simulate_layer(
                     "sequence_id": record.sequence_id,
                     "tokens": list(record.tokens),
                     "true_activations": list(record.activations),
-                    "expected_activations": list(simulation.expected_activations),
-                    "mode": simulation.mode,
+                    "expected_activations": None if error else list(simulation.expected_activations),
+                    "mode": None if error else simulation.mode,
                     "input_hash": input_hash,
-                    "prompt_tokens": simulation.prompt_tokens,
-                    "completion_tokens": simulation.completion_tokens,
-                    "value_mass": simulation.value_mass,
+                    "prompt_tokens": 0 if error else simulation.prompt_tokens,
+                    "completion_tokens": 0 if error else simulation.completion_tokens,
+                    "value_mass": None if error else simulation.value_mass,
+                    "simulator_label": label,
+                    "error": error,
                 }
             )
     return table_frame("simulations", rows), calls, failed
@@ -124,6 +132,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         failures = 0
         for explainer_id in explainer_ids:
             for simulator_settings, simulator in llm.simulators():
+                if not pair_is_meaningful(explainer_id, simulator.simulator_id):
+                    continue  # e.g. a prose explanation through the token look-up (interp/reporting.py)
                 per_layer = []
                 simulator_layers = select_subset(simulator_settings.layers, layers)
                 for layer in simulator_layers:
@@ -147,7 +157,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         pl.concat(per_layer),
                         [str(layer) for layer in simulator_layers],
                     )
-        combined = pl.concat([frame for frame, _ in frames.values()])
+        # No frames: no (explainer, simulator) pair means anything (the gate then says the table is empty).
+        combined = pl.concat([frame for frame, _ in frames.values()]) if frames else table_frame("simulations", [])
         report = yield from gate("simulations", combined, QualityParams.from_settings(settings))
         for (explainer_id, simulator_id), (frame, simulator_layers) in frames.items():
             write_table(
@@ -171,7 +182,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 "simulated_excerpts": total_rows,
                 "new_simulations": total_calls,
                 "failed_simulations": failures,
-                "neurons_simulated": combined.select("layer", "neuron").n_unique(),
+                **failure_metadata(None, combined),
+                "neurons_simulated": combined.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique(),
                 **llm.usage(),
                 "prompt_tokens": int(combined["prompt_tokens"].sum() or 0),
                 "completion_tokens": int(combined["completion_tokens"].sum() or 0),

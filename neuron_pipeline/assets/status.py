@@ -6,7 +6,7 @@ prices). From the Dagster instance (``DAGSTER_HOME``, where `make demo`, `make d
 record their runs): what is stale (Dagster's own per-partition resolver, versions.stale_assets:
 a prompt, the settings, the code or upstream data changed since the layer was materialized),
 runs that failed or were stopped after a stage's last materialization and why, and the dollars
-and new tokens every run recorded. A layer's next `neuron-pipeline run` redoes exactly what is
+every run recorded. A layer's next `neuron-pipeline run` redoes exactly what is
 missing, stale, failed or stopped; the rest is kept.
 """
 
@@ -53,7 +53,6 @@ class PipelineStatus:
     layers: list[LayerStatus]
     instance_note: str  # where the run history came from, or why there is none
     runs_usd: float | None = None  # dollars recorded by runs (new calls), when there is a history
-    runs_tokens: int | None = None
     runs_counted: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -75,6 +74,8 @@ def _lake_rows(settings: Settings) -> dict[str, pl.DataFrame]:
         "simulations": ["layer", "neuron", "simulator_id", "prompt_tokens", "completion_tokens"],
         "scores": ["layer", "neuron", "score"],
     })
+    if "scorer_results" in columns and {"prompt_tokens", "completion_tokens"} <= set(SCHEMAS["scorer_results"].names):
+        columns["scorer_results"] = ["layer", "neuron", "prompt_tokens", "completion_tokens"]
     return {
         table: read_table(lake, table, columns=cols) if table_exists(lake, table) else pl.DataFrame()
         for table, cols in columns.items()
@@ -86,7 +87,7 @@ def _usd(prompt: int, completion: int, entry) -> float:
 
 
 def _lake_spend(layer_rows: dict[str, pl.DataFrame], settings: Settings) -> tuple[int, float | None]:
-    """Tokens stored with the layer's explanations and simulations, and their dollars at the
+    """Tokens stored with the layer's explanations, simulations and scorer results, and their dollars at the
     configured prices (None when a row's price cannot be told: a model no longer configured)."""
     tokens, usd = 0, 0.0
     explanations = layer_rows["explanations"]
@@ -98,13 +99,15 @@ def _lake_spend(layer_rows: dict[str, pl.DataFrame], settings: Settings) -> tupl
             tokens += prompt + completion
             if prompt + completion:
                 usd = None if usd is None or model not in prices else usd + _usd(prompt, completion, prices[model])
-    simulations = layer_rows["simulations"]
-    if simulations.height:
-        prompt, completion = int(simulations["prompt_tokens"].sum() or 0), int(simulations["completion_tokens"].sum() or 0)
+    for table, entries in (("simulations", settings.simulators), ("scorer_results", settings.scorer_entries)):
+        frame = layer_rows.get(table, pl.DataFrame())
+        if not frame.height or "prompt_tokens" not in frame.columns:
+            continue
+        prompt, completion = int(frame["prompt_tokens"].sum() or 0), int(frame["completion_tokens"].sum() or 0)
         tokens += prompt + completion
-        priced = {(e.usd_per_million_prompt, e.usd_per_million_completion): e for e in settings.simulators if e.backend != "baseline"}
+        priced = {(e.usd_per_million_prompt, e.usd_per_million_completion): e for e in entries if e.backend != "baseline"}
         if prompt + completion:
-            # Simulation rows name the simulator by id only: priced when the API simulators share one price.
+            # These rows name the simulator / scorer by id only: priced when the LLM entries share one price.
             usd = None if usd is None or len(priced) != 1 else usd + _usd(prompt, completion, next(iter(priced.values())))
     return tokens, usd
 
@@ -229,20 +232,19 @@ def _all_materializations(instance: dg.DagsterInstance, key: str):
         cursor = page.cursor
 
 
-def _runs_spend(instance: dg.DagsterInstance) -> tuple[float, int, int]:
-    """Dollars and new tokens recorded by every run's explanations and simulations (run-level
-    metadata, repeated on each layer's materialization of the run: counted once per run)."""
-    usd, tokens, seen = 0.0, 0, set()
-    for key in ("explanations", "simulations"):
+def _runs_spend(instance: dg.DagsterInstance) -> tuple[float, int]:
+    """Dollars every run recorded for its new (paid) LLM calls (``usd_new``: explainers on
+    explanations, simulators on simulations, scorers on scorer_results; run-level metadata repeated
+    on each layer's materialization of the run, so counted once per run and asset), and the runs."""
+    usd, seen = 0.0, set()
+    for key in ("explanations", "simulations", "scorer_results"):
         for record in _all_materializations(instance, key):
             if (record.run_id, key) in seen:
                 continue
             seen.add((record.run_id, key))
             metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-            value = lambda name: getattr(metadata.get(name), "value", None) or 0  # noqa: E731
-            usd += float(value("usd_new"))
-            tokens += int(value("new_prompt_tokens")) + int(value("new_completion_tokens"))
-    return usd, tokens, len({run for run, _ in seen})
+            usd += float(getattr(metadata.get("usd_new"), "value", None) or 0.0)
+    return usd, len({run for run, _ in seen})
 
 
 def pipeline_status(settings: Settings, instance: dg.DagsterInstance | None) -> PipelineStatus:
@@ -255,8 +257,8 @@ def pipeline_status(settings: Settings, instance: dg.DagsterInstance | None) -> 
         )
     _apply_failed_runs(instance, layers)
     _apply_stale(instance, settings, layers)
-    usd, tokens, runs = _runs_spend(instance)
-    return PipelineStatus(_sorted(layers), f"Dagster instance {instance.root_directory}", usd, tokens, runs)
+    usd, runs = _runs_spend(instance)
+    return PipelineStatus(_sorted(layers), f"Dagster instance {instance.root_directory}", usd, runs)
 
 
 def _sorted(layers: dict[str, LayerStatus]) -> list[LayerStatus]:

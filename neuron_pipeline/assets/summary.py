@@ -11,16 +11,20 @@ from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
+from neuron_pipeline.lake.outcomes import meaningful_pairs
 
 # The paper's bar for a well-explained neuron.
 GOOD_SCORE = 0.8
 
 
 def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame, simulations: pl.DataFrame) -> pl.DataFrame:
+    scores = meaningful_pairs(scores)
     if scores.is_empty():
         return table_frame("layer_summary", [])
-    texts = explanations.select("neuron", "explainer_id", "explanation", "explainer_model")
-    joined = scores.join(texts, on=["neuron", "explainer_id"], how="left")
+    texts = explanations.select("neuron", "explainer_id", "explanation", "explainer_model", _label="explainer_label")
+    joined = scores.join(texts, on=["neuron", "explainer_id"], how="left").with_columns(
+        explainer_label=pl.coalesce("explainer_label", "_label")
+    )
     best = (
         joined.filter(pl.col("score").is_not_null())
         .sort("score", descending=True)
@@ -36,6 +40,8 @@ def summarize_layer(scores: pl.DataFrame, explanations: pl.DataFrame, simulation
     )
     stats = joined.group_by("model", "layer", "explainer_id", "simulator_id").agg(
         explainer_model=pl.col("explainer_model").first(),
+        explainer_label=pl.col("explainer_label").drop_nulls().first(),
+        simulator_label=pl.col("simulator_label").drop_nulls().first(),
         neurons_scored=pl.col("score").is_not_null().sum().cast(pl.Int64),
         neurons_null=pl.col("score").is_null().sum().cast(pl.Int64),
         mean_score=pl.col("score").mean(),
@@ -102,7 +108,9 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         write_table(lake, "layer_summary", summary, replace_where={"layer": [str(layer) for layer in layers]})
         metadata = {**lake_metadata(lake, "layer_summary"), "rows": summary.height}
         if summary.height:
-            table = summary.select("layer", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron")
+            table = summary.select(
+                "layer", "explainer_label", "simulator_label", "explainer_id", "simulator_id", "neurons_scored", "mean_score", "best_neuron"
+            )
             metadata["summary"] = dg.MetadataValue.md(_markdown(table))
         publish_layers(context, "layer_summary", summary)
         yield dg.MaterializeResult(metadata=metadata, check_results=[check_result(report), upstream])

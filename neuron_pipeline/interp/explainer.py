@@ -17,6 +17,7 @@ from neuron_pipeline.interp.prompts import (
 )
 from neuron_pipeline.interp.outputs import OutputTokens, format_output_tokens
 from neuron_pipeline.interp.records import ActivationRecord
+from neuron_pipeline.interp.reporting import UNUSABLE_PREFIX, UnusableCompletion, error_text
 
 # The paper's framing: explanations complete this sentence, and the simulator is shown it.
 EXPLANATION_PREFIX = "the main thing this neuron does is find"
@@ -57,30 +58,71 @@ def render_chat(template: PromptTemplate, **values: str) -> tuple[tuple[str, str
     return tuple((role, "\n".join(lines).strip("\n")) for role, lines in messages)
 
 
-def parse_explanation(completion: str) -> str:
-    """The explanation inside a completion: first non-empty line, without an echoed prefix,
-    wrapping quotes or a trailing period. Empty if nothing usable is there."""
-    for line in completion.strip().splitlines():
-        text = line.strip()
-        if text:
-            break
-    else:
-        return ""
+# How a chat model that was not continuing the prompt's sentence tends to open its answer
+# ("This neuron responds to ...", "Neuron C finds ..."): dropped, so what is left completes
+# "the main thing this neuron does is find".
+_ANSWER_LEAD = re.compile(
+    r"^(?:(?:the )?main thing )?(?:(?:neuron [a-z]|this neuron|the neuron|it)\s+)?(?:does is |mainly |mostly |primarily )?"
+    r"(?:finds?|fires (?:on|for)|responds to|activates (?:on|for)|is activated by|detects|looks for|picks up(?: on)?|recogni[sz]es)\b[\s:,-]*",
+    re.IGNORECASE,
+)
+_ANSWER_LABEL = re.compile(r"^(?:[*_#>\-\s]+|(?:answer|explanation)\s*:\s*)+", re.IGNORECASE)
+
+
+def _strip_lead(text: str) -> str:
+    text = _ANSWER_LABEL.sub("", text).strip("*_ ").strip()
     lowered = text.lower()
     for prefix in (EXPLANATION_PREFIX, "the main thing neuron c does is find", "neuron c finds"):
         index = lowered.find(prefix)
         if index != -1 and index < 20:
-            text = text[index + len(prefix) :].strip()
+            return text[index + len(prefix) :].strip()
+    match = _ANSWER_LEAD.match(text)
+    return text[match.end() :].strip() if match else text
+
+
+def _strip_quotes(text: str) -> str:
+    """Quotes around the whole answer, or left unpaired at either end; a quoted word at the end
+    of the explanation ('the word "cup"') keeps its quotes."""
+    for quote in "\"'`":
+        inner = text[1:-1]
+        if len(text) >= 2 and text[0] == text[-1] == quote and quote not in inner:
+            text = inner.strip()
+        if text.startswith(quote) and text.count(quote) % 2:
+            text = text[1:].strip()
+        if text.endswith(quote) and text.count(quote) % 2:
+            text = text[:-1].strip()
+    return text
+
+
+def is_usable_explanation(text: str) -> bool:
+    """Words, not an echo of the excerpt listing (tabs, markers) or special tokens."""
+    if not re.search(r"[^\W\d_]{2,}", text):
+        return False
+    return "\t" not in text and "<start>" not in text and "<end>" not in text and "<|" not in text
+
+
+def parse_explanation(completion: str) -> str:
+    """The explanation inside a completion, whether the model continued the prompt's sentence or
+    answered afresh (chat servers do not continue a trailing assistant message): the first line
+    with content, without an echoed prefix or a "This neuron responds to"-style opening, wrapping
+    quotes or a trailing period. Empty if nothing usable is there (garbage, an echoed listing)."""
+    text = ""
+    for line in completion.strip().splitlines():
+        text = _strip_lead(line.strip())
+        if text:  # a line that was only the echoed prefix: the answer is on the next one
             break
+    if not text:
+        return ""
     # One phrase: small models run on past the first sentence.
     sentence_end = re.search(r"(?<!\.)[.!?](?=\s+[A-Z]|$)", text)
     if sentence_end:
         text = text[: sentence_end.start()]
     for _ in range(2):  # quotes and a final period, in either order
-        text = text.strip().strip("\"'`").strip()
+        text = _strip_quotes(text.strip())
         if text.endswith(".") and not text.endswith("..."):
             text = text[:-1].rstrip()
-    return text[:MAX_EXPLANATION_CHARS]
+    text = text[:MAX_EXPLANATION_CHARS]
+    return text if is_usable_explanation(text) else ""
 
 
 def best_of(texts: Sequence[str]) -> str:
@@ -153,10 +195,9 @@ class LLMExplainer:
 
 def _to_explanation(response: ChatResponse | Exception) -> Explanation:
     if isinstance(response, Exception):  # a call that kept failing: recorded per neuron, the run goes on
-        message = str(response).splitlines()[0][:300] if str(response) else ""
-        return Explanation("", error=f"{type(response).__name__}: {message}")
+        return Explanation("", error=error_text(response))
     text = best_of(response.texts)
     error = None
     if not text:
-        error = f"unusable completion: {response.texts[0][:200]!r}" if response.texts else "no completion"
+        error = str(UnusableCompletion(response.texts[0])) if response.texts else f"{UNUSABLE_PREFIX}: no completion"
     return Explanation(text, response.prompt_tokens, response.completion_tokens, error=error)

@@ -83,3 +83,28 @@ def chat_all(model: ChatModel, requests: Sequence[ChatRequest]) -> list[ChatResp
         except Exception as exc:  # noqa: BLE001 - reported per request by the caller
             results.append(exc)
     return results
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(" .…")
+
+
+def without_prefill(messages: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The messages for a chat server that answers a trailing assistant message with a new turn
+    instead of continuing it (OpenAI; vLLM unless asked to): the prefill is never assumed to be
+    continued. It moves into the prompt: dropped when the last user message already ends with it
+    (explainer_v1 asks "... The main thing neuron C does is find"), else the user is asked to
+    finish it. What comes back may then repeat it; ``parse_explanation`` strips it."""
+    if not messages or messages[-1][0] != "assistant":
+        return tuple(messages)
+    prefill = messages[-1][1].strip()
+    rest = list(messages[:-1])
+    if not prefill:
+        return tuple(rest)
+    if rest and rest[-1][0] == "user":
+        role, content = rest[-1]
+        if not _normalized(content).endswith(_normalized(prefill)):
+            rest[-1] = (role, f"{content}\n\nFinish this sentence: {prefill}")
+    else:
+        rest.append(("user", f"Finish this sentence: {prefill}"))
+    return tuple(rest)

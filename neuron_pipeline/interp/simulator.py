@@ -13,6 +13,7 @@ import numpy as np
 
 from neuron_pipeline.interp.explainer import EXPLANATION_PREFIX, render_chat
 from neuron_pipeline.interp.llm_protocol import ChatModel, ChatRequest, ValueDistributionModel, chat_all
+from neuron_pipeline.interp.reporting import UnusableCompletion
 from neuron_pipeline.interp.prompts import END_MARKER, MAX_VALUE, START_MARKER, content_hash, escape_token, load_template
 
 # What stands in a value slot in the all-at-once prompt: the model never sees other predictions.
@@ -251,7 +252,9 @@ class ChatSimulator:
                 read = values_and_mass_from_top_logprobs(response.logprobs[0], len(tokens))
             mode, mass = "chat_top_logprobs", None
             if read is None:
-                values, _ = parse_simulated_values(text, len(tokens))
+                values, parsed = parse_simulated_values(text, len(tokens))
+                if not parsed:  # not one "token<TAB>value" line: reported as unusable, not as all zeros
+                    raise UnusableCompletion(text)
                 mode = "chat_integers"
             else:
                 values, mass = read[0], mean_value_mass(read[1])

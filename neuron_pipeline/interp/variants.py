@@ -20,6 +20,7 @@ from neuron_pipeline.interp.explainer import Explanation, LLMExplainer, best_of,
 from neuron_pipeline.interp.llm_protocol import ChatRequest, chat_all
 from neuron_pipeline.interp.prompts import discretize, format_records, load_template, max_activation_of
 from neuron_pipeline.interp.records import ActivationRecord, RecordSplits
+from neuron_pipeline.interp.reporting import UnusableCompletion, error_text
 from neuron_pipeline.interp.scoring import ScoredSequence, correlation, score_simulation
 from neuron_pipeline.interp.simulator import Simulator
 
@@ -90,12 +91,12 @@ class RefiningExplainer:
         results = []
         for splits, response in zip(splits_list, responses):
             if isinstance(response, Exception):
-                results.append(Explanation("", error=f"{type(response).__name__}: {str(response)[:300]}"))
+                results.append(Explanation("", error=error_text(response)))
                 continue
             prompt_tokens, completion_tokens = response.prompt_tokens, response.completion_tokens
             candidates = list(dict.fromkeys(c for c in (parse_explanation(t) for t in response.texts) if c))
             if not candidates:
-                results.append(Explanation("", prompt_tokens, completion_tokens, error="no usable candidate explanation"))
+                results.append(Explanation("", prompt_tokens, completion_tokens, error=str(UnusableCompletion(response.texts[0] if response.texts else ""))))
                 continue
             validation = validation_records(splits)
             chosen = candidates[0]

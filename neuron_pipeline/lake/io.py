@@ -146,8 +146,12 @@ def check_table_schema(lake: LakeLike, table: str) -> None:
         _check_existing_schema(lake, path, table)
 
 
-def _check_existing_schema(lake: Lake, path: str, table: str) -> None:
-    """Refuse to write into a Delta table whose columns, types or partitioning differ from ours."""
+def _check_existing_schema(lake: Lake, path: str, table: str) -> list[str]:
+    """Refuse to write into a Delta table whose columns, types or partitioning differ from ours.
+
+    Columns this version of the schema added at its end (nullable, e.g. the labels) are not a
+    difference: they are returned, and ``write_table`` adds them before writing (old rows read
+    them as null)."""
     try:
         existing_table = _open(lake, path)
     except DeltaError as exc:
@@ -158,6 +162,9 @@ def _check_existing_schema(lake: Lake, path: str, table: str) -> None:
     existing = {f.name: str(f.type) for f in existing_table.schema().fields}
     expected = {f.name: str(f.type) for f in Schema.from_arrow(SCHEMAS[table]).fields}
     missing = [name for name in expected if name not in existing]
+    names = list(expected)
+    addable = missing if missing == names[len(names) - len(missing) :] else []
+    missing = [name for name in missing if name not in addable]
     extra = [name for name in existing if name not in expected]
     retyped = [f"{name} is {existing[name]}, not {expected[name]}" for name in expected if name in existing and existing[name] != expected[name]]
     want_partitions = [PARTITION_COLUMN] if PARTITION_COLUMN in SCHEMAS[table].names else []
@@ -176,6 +183,13 @@ def _check_existing_schema(lake: Lake, path: str, table: str) -> None:
             f"the Delta table at {path} does not have the {table!r} schema ({'; '.join(problems)}): "
             "move it away or point --lake at another folder or URI"
         )
+    return addable
+
+
+def _add_columns(lake: Lake, path: str, table: str, columns: list[str]) -> None:
+    """Add columns a newer schema appended (nullable) to an existing table: a metadata-only commit."""
+    fields = Schema.from_arrow(pa.schema([SCHEMAS[table].field(name) for name in columns])).fields
+    _open(lake, path).alter.add_columns(fields)
 
 
 def write_table(
@@ -207,7 +221,9 @@ def write_table(
     for attempt in range(COMMIT_ATTEMPTS):
         exists = _is_table(lake, path)
         if exists:
-            _check_existing_schema(lake, path, table)
+            added = _check_existing_schema(lake, path, table)
+            if added:
+                _add_columns(lake, path, table, added)
         elif lake.folder is not None:  # object stores have no folders to create
             try:
                 lake.folder.mkdir(parents=True, exist_ok=True)
@@ -265,6 +281,16 @@ def read_table(
         empty = pl.from_arrow(SCHEMAS[table].empty_table())
         return empty.select(columns) if columns else empty
     frame = pl.scan_delta(path, version=version, storage_options=lake.options())
+    try:
+        present = frame.collect_schema().names()
+    except DeltaError as exc:
+        raise LakeError(f"cannot read {table!r} at {path} (version={version}): {exc}") from None
+    except OSError as exc:
+        raise lake.storage_error(exc) from None
+    absent = [name for name in names if name not in present]
+    if absent:  # columns a newer schema appended, not yet added to this table: null
+        dtypes = pl.from_arrow(SCHEMAS[table].empty_table()).schema
+        frame = frame.with_columns(pl.lit(None, dtype=dtypes[name]).alias(name) for name in absent)
     for column, value in (where or {}).items():
         text = _is_text(table, column)
         if isinstance(value, (list, tuple, set)):

@@ -70,6 +70,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             # Fingerprint of the excerpts the explainer saw: unchanged inputs are never re-paid.
             ("records_hash", pa.string()),
             ("created_at", pa.timestamp("us", tz="UTC")),
+            # What a person reads next to the id: model, prompt version, variant (interp/labels.py).
+            ("explainer_label", pa.string()),
         ]
     ),
     "simulations": pa.schema(
@@ -93,6 +95,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             # excerpt's slots: 1.0 locally, lower when a top-k API dropped values (a lower bound
             # there); null without logprobs (baseline, chat integers).
             ("value_mass", pa.float64()),
+            ("simulator_label", pa.string()),  # model, prompt version, mode, calibration
+            # Null when the simulation succeeded. When the simulator failed (or answered nothing
+            # usable) on a neuron, each of its scored excerpts gets a row with the error and null
+            # expected_activations: failures are rows anyone can query, and are retried next run.
+            ("error", pa.string()),
         ]
     ),
     "scores": pa.schema(
@@ -108,7 +115,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("rsquared", pa.float64()),
             ("absolute_dev_explained", pa.float64()),
             ("n_tokens", pa.int64()),
-            ("null_reason", pa.string()),  # why score is null, when it is
+            ("null_reason", pa.string()),  # why score is null, when it is (e.g. "simulation failed: ...")
+            ("explainer_label", pa.string()),
+            ("simulator_label", pa.string()),
         ]
     ),
     # Detection, fuzzing and embedding scores of each explanation (interp/classification.py): one
@@ -171,6 +180,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("explainer_completion_tokens", pa.int64()),
             ("simulator_prompt_tokens", pa.int64()),
             ("simulator_completion_tokens", pa.int64()),
+            ("explainer_label", pa.string()),
+            ("simulator_label", pa.string()),
         ]
     ),
     # What each neuron writes to the output, from the weights alone (subject/output_tokens.py):

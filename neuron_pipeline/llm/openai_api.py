@@ -79,7 +79,7 @@ import numpy as np
 import openai
 
 from neuron_pipeline.config import ConfigError
-from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs
+from neuron_pipeline.interp.llm_protocol import ChatRequest, ChatResponse, SlotDistributions, TokenLogprobs, without_prefill
 from neuron_pipeline.interp.prompts import MAX_VALUE
 from neuron_pipeline.interp.simulator import DIGIT_TOKENS, VALUE_TOKENS, captured_value_mass, refill_slots
 
@@ -638,7 +638,8 @@ class OpenAICompatible:
         """The JSON body of a chat request (without ``extra_body``), and whether it asks for logprobs."""
         params: dict[str, Any] = {
             "model": self.model_name,
-            "messages": [{"role": role, "content": content} for role, content in request.messages],
+            # A trailing assistant prefill is never assumed to be continued (interp/llm_protocol.py).
+            "messages": [{"role": role, "content": content} for role, content in without_prefill(request.messages)],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "n": request.n,

@@ -22,6 +22,7 @@ import polars as pl
 
 from neuron_pipeline.lake import Lake, read_table, table_exists
 from neuron_pipeline.lake.io import LakeLike
+from neuron_pipeline.lake.outcomes import failure_report, meaningful_pairs
 from neuron_pipeline.viewer import pages
 from neuron_pipeline.viewer.charts import GOOD_SCORE, PALETTE, LayerStats, Series, histogram_counts
 from neuron_pipeline.viewer.safe import finite
@@ -98,13 +99,20 @@ class _Lake:
                         ("neuron_activations", "activation_records", "explanations", "simulations", "scores")}
         self.explanations = _read(lake, "explanations").with_columns(
             pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M UTC"))
-        self.scores = _read(lake, "scores")
+        # Pairs that mean nothing (prose through the token look-up) are never shown.
+        self.scores = meaningful_pairs(_read(lake, "scores"))
         self.scorer_results = _read(lake, "scorer_results", columns=SCORER_VIEW_COLUMNS)
         self.activations = _read(lake, "neuron_activations")
         self.record_keys = _read(lake, "activation_records", columns=["model", "layer", "neuron"]).unique()
-        self.simulation_modes = _read(
-            lake, "simulations", columns=["layer", "neuron", "explainer_id", "simulator_id", "mode"]
+        simulation_keys = _read(
+            lake, "simulations",
+            columns=["layer", "neuron", "explainer_id", "simulator_id", "simulator_label", "mode", "error"],
         ).unique(subset=["layer", "neuron", "explainer_id", "simulator_id"], keep="first")
+        self.simulation_modes = simulation_keys.filter(pl.col("error").is_null())
+        self.failures = failure_report(self.explanations, simulation_keys)
+        # Labels (interp/reporting.py) by id; rows written before labels existed fall back to the id.
+        self.explainer_labels = _labels(self.explanations, self.scores, column="explainer")
+        self.simulator_labels = _labels(simulation_keys, self.scores, column="simulator")
 
         models: set[str] = set()
         for frame in (self.record_keys, self.explanations, self.scores, self.activations):
@@ -133,6 +141,12 @@ class _Lake:
             else:
                 self.colors[(explainer_id, simulator_id)] = next(palette, PALETTE[-1])
 
+    def explainer_label(self, explainer_id: str) -> str:
+        return self.explainer_labels.get(explainer_id) or explainer_id
+
+    def simulator_label(self, simulator_id: str) -> str:
+        return self.simulator_labels.get(simulator_id) or simulator_id
+
     def missing(self) -> list[str]:
         return [t for t, ok in self.present.items() if not ok]
 
@@ -143,6 +157,15 @@ class _Lake:
         return frame["neuron"].n_unique()
 
 
+def _labels(*frames: pl.DataFrame, column: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for frame in frames:
+        rows = frame.select(f"{column}_id", f"{column}_label").drop_nulls()
+        for identifier, label in rows.unique(f"{column}_id", keep="first").iter_rows():
+            out.setdefault(identifier, label)
+    return out
+
+
 def _pair_summary(lake: _Lake, scores: pl.DataFrame, explainer_id: str, simulator_id: str, layer: str | None) -> pages.PairSummary:
     frame = scores.filter((pl.col("explainer_id") == explainer_id) & (pl.col("simulator_id") == simulator_id))
     values = frame["score"].drop_nulls().drop_nans().to_numpy().astype(np.float64)
@@ -150,6 +173,8 @@ def _pair_summary(lake: _Lake, scores: pl.DataFrame, explainer_id: str, simulato
         explainer_id=explainer_id,
         simulator_id=simulator_id,
         explainer_model=lake.explainer_models.get(explainer_id),
+        explainer_label=lake.explainer_label(explainer_id),
+        simulator_label=lake.simulator_label(simulator_id),
         color=lake.colors[(explainer_id, simulator_id)],
         scored=int(values.size),
         null=frame.height - int(values.size),
@@ -191,7 +216,7 @@ def _layer_stats(lake: _Lake) -> list[Series]:
                 p75=_quantile(values, 0.75),
                 p90=_quantile(values, 0.9),
             ))
-        label = f"{explainer_id} → {simulator_id}"
+        label = f"{lake.explainer_label(explainer_id)} → {lake.simulator_label(simulator_id)}"
         series.append(Series(label=label, color=lake.colors[(explainer_id, simulator_id)], stats=stats))
     return series
 
@@ -307,7 +332,8 @@ def _scorer_layer_rows(lake: _Lake, layer: str) -> list[dict[str, Any]]:
         mean_simulation_score=pl.col("simulation_score").mean(),
     )
     return [
-        {k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()}
+        {**{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()},
+         "explainer_label": lake.explainer_label(row["explainer_id"])}
         for row in summary.sort("explainer_id", "method").iter_rows(named=True)
     ]
 
@@ -351,7 +377,8 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = 
     where = {"layer": layer}
     records = (_rows_by_neuron(_read(lake.lake, "activation_records", where=where), ["kind", "rank"])
                if lake.present["activation_records"] else {})
-    simulations = (_rows_by_neuron(_read(lake.lake, "simulations", where=where), ["kind", "rank"])
+    simulations = (_rows_by_neuron(meaningful_pairs(_read(lake.lake, "simulations", where=where).filter(
+        pl.col("error").is_null())), ["kind", "rank"])
                    if lake.present["simulations"] else {})
     activations = _rows_by_neuron(lake.activations.filter(pl.col("layer") == layer))
     explanations = _rows_by_neuron(lake.explanations.filter(pl.col("layer") == layer))
@@ -411,6 +438,8 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = 
             sim_data.append({
                 "explainer": explainer_id,
                 "simulator": simulator_id,
+                "explainerLabel": lake.explainer_label(explainer_id),
+                "simulatorLabel": lake.simulator_label(simulator_id),
                 "mode": mode_of.get((explainer_id, simulator_id)),
                 "score": score_of.get((explainer_id, simulator_id)),
                 "explanation": explanation["explanation"] if explanation else None,
@@ -424,12 +453,14 @@ def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = 
             explanation = text_of.get(explainer_id, {})
             card_scores = [
                 {**{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()},
-                 "mode": mode_of.get((explainer_id, row["simulator_id"]))}
+                 "mode": mode_of.get((explainer_id, row["simulator_id"])),
+                 "simulator_label": lake.simulator_label(row["simulator_id"])}
                 for row in sorted((r for r in neuron_scores if r["explainer_id"] == explainer_id),
                                   key=lambda r: (pages.is_baseline(r["simulator_id"]), r["simulator_id"]))
             ]
             cards.append(pages.ExplanationCard(
                 explainer_id=explainer_id,
+                explainer_label=lake.explainer_label(explainer_id),
                 explainer_model=explanation.get("explainer_model") or lake.explainer_models.get(explainer_id),
                 prompt_hash=explanation.get("prompt_hash"),
                 explanation=explanation.get("explanation"),
@@ -507,7 +538,8 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
         folder = out_dir / pages.layer_dir(summary.layer)
         rows, explainers, simulators, has_baseline = _layer_rows(data, summary.layer)
         html = pages.layer_page(
-            data.models, summary.layer, data.layers, rows, explainers, simulators, data.explainer_models,
+            data.models, summary.layer, data.layers, rows, explainers, simulators,
+            {e: data.explainer_label(e) for e in explainers} | {s: data.simulator_label(s) for s in simulators},
             has_baseline, summary.neurons, summary.explained, _scorer_layer_rows(data, summary.layer),
         )
         _write(folder / "index.html", html)
@@ -518,7 +550,8 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
 
     overall = [_pair_summary(data, data.scores, e, s, None) for e, s in data.pairs]
     index = out_dir / "index.html"
-    _write(index, pages.index_page(data.models, layer_summaries, _layer_stats(data), overall, data.missing()))
+    failures = data.failures.filter(pl.col("failed") + pl.col("unusable") > 0).to_dicts()
+    _write(index, pages.index_page(data.models, layer_summaries, _layer_stats(data), overall, data.missing(), failures))
     _remove_stale(out_dir, written)
     (out_dir / MARKER).write_text("written by neuron-pipeline viewer; stale layer_*/ pages here are removed on rebuild\n")
     return ViewerSummary(

@@ -107,10 +107,12 @@ class PairSummary:
     best_neuron: int | None = None
     best_score: float | None = None
     best_explanation: str | None = None
+    explainer_label: str | None = None  # model · prompt · variant (interp/reporting.py)
+    simulator_label: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.explainer_id} → {self.simulator_id}"
+        return f"{self.explainer_label or self.explainer_id} → {self.simulator_label or self.simulator_id}"
 
 
 @dataclass
@@ -128,10 +130,48 @@ def swatch(color: str) -> str:
 
 def _pair_label_html(pair: PairSummary) -> str:
     badge = '<span class="badge base">baseline</span>' if is_baseline(pair.explainer_id) else ""
-    model = f' title="explainer model: {esc(pair.explainer_model)}"' if pair.explainer_model else ""
+    ids = f' title="explainer {esc(pair.explainer_id)} → simulator {esc(pair.simulator_id)}"'
     return (
-        f'<span class="pair"{model}>{swatch(pair.color)}{badge}'
-        f"<code>{esc(pair.explainer_id)}</code> <span class=\"arrow\">→</span> <code>{esc(pair.simulator_id)}</code></span>"
+        f'<span class="pair"{ids}>{swatch(pair.color)}{badge}'
+        f"{esc(pair.explainer_label or pair.explainer_id)} <span class=\"arrow\">→</span> "
+        f"{esc(pair.simulator_label or pair.simulator_id)}</span>"
+    )
+
+
+def _headline_html(overall: Sequence[PairSummary]) -> str:
+    """The headline figures, one row per (explainer, simulator) pair with its neuron count: a mean
+    over a mix of pairs would mean nothing."""
+    rows = []
+    for pair in overall:
+        na = f' <span class="muted">+{pair.null:,} n/a</span>' if pair.null else ""
+        rows.append(
+            f'<tr><td class="pair-cell">{_pair_label_html(pair)}<div class="ids"><code>{esc(pair.explainer_id)}</code> → '
+            f'<code>{esc(pair.simulator_id)}</code></div></td><td class=num>{pair.scored:,}{na}</td>'
+            f'<td class="num headline">{fmt_score(pair.mean)}</td><td class=num>{fmt_score(pair.median)}</td>'
+            f"<td class=num>{pair.good:,}</td></tr>"
+        )
+    return (
+        '<section class="panel" id="headline"><h2>Scores by explainer → simulator</h2><div class="table-scroll">'
+        '<table class="layers"><thead><tr><th>explainer → simulator</th><th class=num>neurons scored</th>'
+        f"<th class=num>mean score</th><th class=num>median</th><th class=num>≥ {GOOD_SCORE}</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></div></section>"
+    )
+
+
+def _failures_html(failures: Sequence[dict[str, Any]]) -> str:
+    """Explainers and simulators that failed or answered unusably on some neurons (lake/outcomes.py)."""
+    rows = "".join(
+        f"<tr><td>{esc(f['role'])}</td><td>{esc(f['label'])}<div class=ids><code>{esc(f['id'])}</code></div></td>"
+        f"<td class=num>{f['attempted']:,}</td><td class=num>{f['failed']:,}</td><td class=num>{f['unusable']:,}</td>"
+        f'<td class="error">{esc((f.get("first_error") or "")[:300])}</td></tr>'
+        for f in failures
+    )
+    return (
+        '<section class="panel notice" id="failures"><h2>Failed or unusable LLM calls</h2>'
+        "<p>These neurons have no explanation or no simulation from the explainer or simulator named; "
+        "they are retried on the next run.</p><div class=\"table-scroll\"><table class=\"layers\"><thead><tr>"
+        "<th></th><th>explainer / simulator</th><th class=num>attempted</th><th class=num>failed</th>"
+        "<th class=num>unusable</th><th>first error</th></tr></thead><tbody>" + rows + "</tbody></table></div></section>"
     )
 
 
@@ -141,23 +181,16 @@ def index_page(
     series: Sequence[Series],
     overall: Sequence[PairSummary],
     missing_tables: Sequence[str],
+    failures: Sequence[dict[str, Any]] = (),
 ) -> str:
     neurons = sum(layer.neurons for layer in layers)
     explained = sum(layer.explained for layer in layers)
-    head = overall[0] if overall else None
     cards = [
         ("model", ", ".join(models) if models else "—"),
         ("layers", f"{len(layers):,}"),
         ("neurons", f"{neurons:,}"),
         ("explained", f"{explained:,}"),
     ]
-    if head is not None:
-        cards += [
-            ("mean score", fmt_score(head.mean)),
-            (f"score ≥ {GOOD_SCORE}", f"{head.good:,}"),
-        ]
-    # With several explainer / simulator pairs the score cards are about the first (an LLM's, if any).
-    which = head.explainer_id if head is not None and len(overall) > 1 else None
     body = ['<h1>Neurons explained in plain language</h1>']
     body.append(
         '<p class="lede">Each neuron\'s top-activating excerpts were shown to an explainer; a simulator then predicted '
@@ -167,9 +200,12 @@ def index_page(
     body.append('<div class="cards">')
     for label, value in cards:
         cls = " wide" if label == "model" else ""
-        sub = f'<div class="card-sub"><code>{esc(which)}</code></div>' if which and "score" in label else ""
-        body.append(f'<div class="card{cls}"><div class="card-value">{esc(value)}</div><div class="card-label">{esc(label)}</div>{sub}</div>')
+        body.append(f'<div class="card{cls}"><div class="card-value">{esc(value)}</div><div class="card-label">{esc(label)}</div></div>')
     body.append("</div>")
+    if overall:
+        body.append(_headline_html(overall))
+    if failures:
+        body.append(_failures_html(failures))
     if missing_tables:
         body.append(
             '<p class="notice">Not in the lake yet: '
@@ -249,7 +285,7 @@ def layer_page(
     rows: list[list[Any]],
     explainers: list[str],
     simulators: list[str],
-    explainer_models: dict[str, str | None],
+    labels: dict[str, str],
     has_baseline_column: bool,
     neurons: int,
     explained: int,
@@ -272,11 +308,12 @@ def layer_page(
     ]
     if len(explainers) > 1:
         body.append('<label>explainer <select id="explainer-filter"><option value="-1">all</option>' + "".join(
-            f'<option value="{i}">{esc(e)}{esc(" (" + explainer_models[e] + ")") if explainer_models.get(e) else ""}</option>'
+            f'<option value="{i}" title="{esc(e)}">{esc(labels.get(e) or e)}</option>'
             for i, e in enumerate(explainers)) + "</select></label>")
     if len(simulators) > 1:
         body.append('<label>simulator <select id="simulator-filter"><option value="-1">all</option>' + "".join(
-            f'<option value="{i}">{esc(s)}</option>' for i, s in enumerate(simulators)) + "</select></label>")
+            f'<option value="{i}" title="{esc(s)}">{esc(labels.get(s) or s)}</option>' for i, s in enumerate(simulators))
+            + "</select></label>")
     body.append(
         '<label>rows <select id="page-size"><option>50</option><option selected>100</option><option>250</option>'
         "<option>1000</option></select></label>"
@@ -309,6 +346,7 @@ def layer_page(
         "columns": [key for key, _, _ in columns],
         "explainers": explainers,
         "simulators": simulators,
+        "labels": {identifier: labels.get(identifier) or identifier for identifier in [*explainers, *simulators]},
         "baselineColumn": has_baseline_column,
         # rows: [neuron, explainer index, simulator index, explanation, error, score, score_top, score_random,
         #        baseline score, null reason]
@@ -324,6 +362,7 @@ def layer_page(
 @dataclass
 class ExplanationCard:
     explainer_id: str
+    explainer_label: str | None
     explainer_model: str | None
     prompt_hash: str | None
     explanation: str | None
@@ -345,6 +384,7 @@ SCORE_COLUMNS = [
 
 def _explanation_html(card: ExplanationCard) -> str:
     badge = '<span class="badge base">baseline</span>' if is_baseline(card.explainer_id) else '<span class="badge llm">LLM</span>'
+    badge += f'<span class="expl-label">{esc(card.explainer_label or card.explainer_id)}</span>'
     if card.explanation:
         text = f'<blockquote class="expl-text">{esc(card.explanation)}</blockquote>'
     elif card.error:
@@ -370,7 +410,7 @@ def _explanation_html(card: ExplanationCard) -> str:
             )
             reason = f' <span class="muted">({esc(score["null_reason"])})</span>' if score.get("null_reason") else ""
             parts.append(
-                f"<tr><td><code>{esc(score['simulator_id'])}</code>{reason}</td><td>{esc(score.get('mode') or '—')}</td>"
+                f"<tr><td>{esc(score.get('simulator_label') or score['simulator_id'])} <code class=small>{esc(score['simulator_id'])}</code>{reason}</td><td>{esc(score.get('mode') or '—')}</td>"
                 f"{cells}<td class=num>{fmt_number(score.get('n_tokens'))}</td></tr>"
             )
         parts.append("</tbody></table></div>")
@@ -422,7 +462,7 @@ def scorer_layer_panel(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         parts.append(
-            f"<tr><td><code>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
+            f"<tr><td>{esc(row.get('explainer_label') or row['explainer_id'])} <code class=small>{esc(row['explainer_id'])}</code></td><td>{esc(row['method'])} <code>{esc(row['scorer_id'])}</code></td>"
             f"<td class=num>{fmt_number(row['neurons'])}</td><td class=\"num headline\">{fmt_score(row['mean_score'])}</td>"
             f"<td class=num>{fmt_number(row['null_scores'])}</td><td class=num>{fmt_score(row['mean_simulation_score'])}</td></tr>"
         )

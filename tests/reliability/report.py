@@ -93,6 +93,12 @@ def render(data: dict) -> str:
             rows.append([f"SIGKILL {stage_names.get(stage, stage)}", "`neuron-pipeline run` killed, then re-run", count,
                          "nothing: same tables as an uninterrupted run, no duplicate rows, every Delta version readable, "
                          f"{crash['repeated_answered_calls']} answered LLM calls paid twice"])
+    stops = data.get("interrupts")
+    if stops:
+        rows.append(["SIGINT, SIGTERM, two SIGINTs, terminate from the UI",
+                     "sent to `neuron-pipeline run` in capture, explanations and simulations, then re-run",
+                     len(stops["stops"]), "nothing: exit 130 with one line, Dagster run canceled, no pool slot held; "
+                     "same tables as an uninterrupted run after resuming"])
     mid = data.get("crash_mid_write")
     if mid:
         orphans = sum(k["data_files_left_behind"] for k in mid["kills"])
@@ -176,6 +182,14 @@ def render(data: dict) -> str:
                 f"kill (answered to a dead process, or not at all) and sent again: {crash['repeated_calls_in_flight_at_kill']}. "
                 f"An uninterrupted run makes {crash['reference_requests']} requests; the interrupted ones made "
                 f"{crash['requests_total']} in all."]
+    if stops:
+        out += ["", "### Stopped on request (`tests/test_interrupts.py`)", "",
+                "The same run stopped five times in a row by a signal or a terminate request, then resumed; each stop "
+                "must exit with status 130 and one line on stderr (no traceback), leave no Dagster run active (the last "
+                "one canceled) and no `gpu` pool slot claimed.", ""]
+        out.append(_table(["stop", "s from the request to exit", "the line on stderr"],
+                          [[k["stop"], k["seconds_to_exit"], "`" + _scrub(k["stderr"]) + "`"] for k in stops["stops"]]))
+        out += ["", f"- After resuming: the lake equals an uninterrupted run's: {stops['resumed_identical']}."]
     if concurrent or conflicts:
         out += ["", "## 3. Concurrent writers", ""]
         if concurrent:

@@ -150,7 +150,7 @@
           } else if (key === "explainer" || key === "simulator") {
             td = el("td", "id");
             var id = getters[key](r);
-            if (id) { td.appendChild(el("code", null, id)); } else { td.textContent = "\u2014"; }
+            if (id) { td.textContent = (data.labels && data.labels[id]) || id; td.title = id; } else { td.textContent = "\u2014"; }
           } else if (key === "explanation") {
             td = el("td", "explanation");
             if (r.explanation) td.appendChild(highlighted(r.explanation));
@@ -318,7 +318,8 @@
     var pairs = data.simulations || [];
     if (select && scored && pairs.length) {
       pairs.forEach(function (pair, index) {
-        var option = el("option", null, pair.explainer + " \u2192 " + pair.simulator + "  \u00b7 score " + fmt(pair.score) +
+        var option = el("option", null, (pair.explainerLabel || pair.explainer) + " \u2192 " + (pair.simulatorLabel || pair.simulator) +
+          "  \u00b7 score " + fmt(pair.score) +
           (pair.mode ? "  \u00b7 " + pair.mode : ""));
         option.value = String(index);
         select.appendChild(option);
