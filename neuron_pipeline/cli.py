@@ -694,7 +694,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         wanted = {str(layer) for layer in parse_index_spec(args.layers, 1 << 20, "layer")}
         status.layers = [layer for layer in status.layers if layer.layer in wanted]
-    console = Console(width=max(Console().width, 120), highlight=False)
+    console = Console(width=max(Console().width, 160), highlight=False)
     marks = {"complete": "", "stale": "STALE ", "failed": "FAILED ", "stopped": "STOPPED ", "missing": "-"}
     table = Table(title=f"neuron-pipeline status: {lake}")
     for column in ("layer", *[stage.replace("_", " ") for stage, _ in LAYER_STAGES], "LLM tokens in lake", "USD"):

@@ -74,6 +74,9 @@ def _lake_rows(settings: Settings) -> dict[str, pl.DataFrame]:
         "simulations": ["layer", "neuron", "simulator_id", "prompt_tokens", "completion_tokens"],
         "scores": ["layer", "neuron", "score"],
     })
+    for table, names in columns.items():  # failed rows kept with their error (explanations, simulations)
+        if "error" in SCHEMAS[table].names and "error" not in names:
+            names.append("error")
     if "scorer_results" in columns and {"prompt_tokens", "completion_tokens"} <= set(SCHEMAS["scorer_results"].names):
         columns["scorer_results"] = ["layer", "neuron", "prompt_tokens", "completion_tokens"]
     return {
@@ -129,12 +132,15 @@ def _from_lake(settings: Settings) -> dict[str, LayerStatus]:
                 stage_status.detail = "done"
                 continue
             stage_status.detail = f"{frame['neuron'].n_unique()} neurons"
-            if stage == "explanations":
+            if "error" in frame.columns:
                 failed = frame.filter(pl.col("error").is_not_null())
                 if failed.height:
                     stage_status.state = "failed"
                     stage_status.detail += f", {failed['neuron'].n_unique()} failed"
-                    stage_status.why = f"{failed.height} of {frame.height} explanations failed; the first: {failed['error'][0][:160]}"
+                    stage_status.why = (
+                        f"{failed['neuron'].n_unique()} of {frame['neuron'].n_unique()} neurons failed (the next run asks "
+                        f"again); the first error: {_first_line(failed['error'][0])[:160]}"
+                    )
             if stage == "scores":
                 null = int(frame["score"].null_count())
                 if null:
