@@ -181,7 +181,7 @@ def test_failure_report_counts_failed_and_unusable_with_the_first_error():
     assert total_failures(report).is_empty()
     everything_failed = total_failures(failure_report(explanations.filter(pl.col("error").is_not_null()), None))
     assert describe_failure(everything_failed.row(0, named=True)) == (
-        "explainer llm-a (m · explainer_v1): 2 failed + 1 unusable of 3 neurons (first error: LLMRequestError: 400)"
+        "explainer llm-a (m · explainer_v1): 3 of 3 explanations failed (1 unusable; first error: LLMRequestError: 400)"
     )
 
 
@@ -249,9 +249,9 @@ def _run(tmp_path: Path, config: Path) -> int:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("explainer calls fail", "explainer llm-{e} (fake-model · explainer_v1): 4 failed of 4 neurons (first error: "),
-        ("explainer answers garbage", "explainer llm-{e} (fake-model · explainer_v1): 4 unusable of 4 neurons (first error: unusable completion: '<start>"),
-        ("simulator answers prose", "simulator chat-{s} (fake-model · simulator_v1 · chat integers): 8 unusable of 8 explanations"),
+        ("explainer calls fail", "explainer llm-{e} (fake-model · explainer_v1): 4 of 4 explanations failed (first error: LLMRequestError: "),
+        ("explainer answers garbage", "explainer llm-{e} (fake-model · explainer_v1): 4 of 4 explanations failed (4 unusable; first error: unusable completion: '<start>"),
+        ("simulator answers prose", "simulator chat-{s} (fake-model · simulator_v1 · chat integers): 8 of 8 simulations failed (8 unusable; "),
     ],
 )
 def test_a_total_failure_ends_the_run_with_exit_1_and_one_line_naming_it(case, expected, tmp_path, capsys, monkeypatch):

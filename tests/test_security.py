@@ -254,8 +254,8 @@ def test_corpus_text_cannot_break_out_of_the_prompt_format(secured_run):
     for post in accepted:
         if "messages" in post.body:
             user = [m["content"] for m in post.body["messages"] if m["role"] == "user"][-1]
-            if "Rewrite the" in user:
-                continue
+            if "Rewrite the" in user or "Neuron C\nActivations:\n" not in user:
+                continue  # simulator, detection and fuzzing prompts
             target = user.split("Neuron C\nActivations:\n", 1)[1]
             blocks = _blocks(target)
             shown = blocks[:5]  # then, when the values are sparse, the non-zero tokens once more

@@ -73,18 +73,15 @@ def total_failures(report: pl.DataFrame) -> pl.DataFrame:
 
 
 def describe_failure(row: dict[str, Any]) -> str:
-    """'explainer llm-… (label): 4 of 4 neurons failed (first error: …)' for one report row."""
-    unit = "neurons" if row["role"] == "explainer" else "explanations"
-    counts = []
-    if row["failed"]:
-        counts.append(f"{row['failed']} failed")
-    if row["unusable"]:
-        counts.append(f"{row['unusable']} unusable")
-    error = (row.get("first_error") or "").splitlines()[0][:200] if row.get("first_error") else ""
+    """'explainer llm-… (label): 4 of 4 explanations failed (1 unusable; first error: …)' for one
+    report row."""
+    unit = "explanations" if row["role"] == "explainer" else "simulations"
     name = row["id"] if row["label"] in (None, row["id"]) else f"{row['id']} ({row['label']})"
-    return f"{row['role']} {name}: {' + '.join(counts) or '0 failed'} of {row['attempted']} {unit}" + (
-        f" (first error: {error})" if error else ""
-    )
+    notes = [f"{row['unusable']} unusable"] if row["unusable"] else []
+    if row.get("first_error"):
+        notes.append(f"first error: {row['first_error'].splitlines()[0][:200]}")
+    text = f"{row['role']} {name}: {row['failed'] + row['unusable']} of {row['attempted']} {unit} failed"
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def report_from_metadata(values: list[list[dict[str, Any]]]) -> pl.DataFrame:
