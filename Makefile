@@ -9,7 +9,7 @@ demo dev: export DAGSTER_HOME := $(DAGSTER_HOME)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup fetch browser demo test dev bench clean
+.PHONY: setup fetch browser demo test dev bench bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ dev: fetch
 # Benchmarks: writes BENCHMARKS.md in under 25 minutes on 2 CPU cores (`$(BIN)/python -m bench.run --quick` is a smoke test).
 bench: fetch
 	$(BIN)/python -m bench.run
+
+# Whole-model runs and stage-level API utilization (about an hour): BENCHMARKS.md's "A whole model" section.
+bench-scale: fetch
+	$(BIN)/python -m bench.scale_report --run
 
 clean:
 	rm -rf lake dagster_home

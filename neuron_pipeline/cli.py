@@ -206,6 +206,7 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
     failure_reports: list = []  # per explainer / simulator, from each run's metadata
     try:
         materialize("corpus_tokens", selection=[corpus_key], tags=owner_tags())
+        _announce_capture(settings, layers, info.num_neurons)
         # One run per contiguous range of layers: a range is one single-run backfill, i.e. one
         # forward pass over the corpus that stops at the range's deepest layer.
         for start, end in _contiguous_ranges(layers):
@@ -241,6 +242,25 @@ def _run(args: argparse.Namespace, stopper: "_RunStopper") -> int:
         ))
     _raise_total_failures(report)
     return 0
+
+
+def _announce_capture(settings, layers: list[int], num_neurons: int) -> None:
+    """Before the capture starts: its memory per layer and the forward passes that fit the budget."""
+    from neuron_pipeline.config import parse_index_spec
+    from neuron_pipeline.lake import read_table
+    from neuron_pipeline.subject.capture import plan_capture
+
+    corpus = read_table(settings.lake_location, "corpus_tokens", columns=["sequence_id", "token_ids"])
+    if corpus.is_empty():
+        return
+    neurons = len(parse_index_spec(settings.neurons, num_neurons, "neuron"))
+    seq_len = len(corpus["token_ids"][0])
+    for start, end in _contiguous_ranges(layers):
+        plan = plan_capture(
+            range(start, end + 1), neurons, seq_len, corpus.height, settings.records,
+            settings.capture.activation_dtype, settings.capture.max_memory_gb,
+        )
+        print(f"neuron-pipeline: {plan.describe()}", flush=True)
 
 
 def _failure_reports(result) -> list[list[dict]]:

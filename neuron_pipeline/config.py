@@ -97,6 +97,19 @@ class RecordsSettings(_Section):
         return max(2, self.top_k // max(self.explain_top, self.score_top))
 
 
+class CaptureSettings(_Section):
+    """How the capture keeps its per-layer samples (BENCHMARKS.md, "A whole model on one machine")."""
+
+    # Storage type of the excerpt activations kept in the capture's buffers (and written to
+    # activation_records): float16 halves the buffers (measured: ~90% of the kept state); a
+    # record's max_activation is the max of its stored values. Statistics are exact either way.
+    activation_dtype: Literal["float16", "float32"] = "float16"
+    # Memory the capture's buffers of all layers of one forward pass may take; more layers than fit
+    # are split into the fewest passes that do (announced before the capture starts). Default:
+    # 40% of this machine's memory.
+    max_memory_gb: float | None = Field(None, gt=0)
+
+
 Backend = Literal["baseline", "local", "openai"]
 
 
@@ -340,6 +353,7 @@ class Settings(_Section):
     subject: SubjectSettings = SubjectSettings()
     corpus: CorpusSettings = CorpusSettings()
     records: RecordsSettings = RecordsSettings()
+    capture: CaptureSettings = CaptureSettings()
     # Layers and neurons to process: "all", "3", "0,3,7", "0-5", or a mix like "0-3,10".
     layers: str = "all"
     neurons: str = "all"

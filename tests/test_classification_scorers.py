@@ -336,7 +336,9 @@ def test_fake_server_garbled_reply_is_retried_then_recorded_failed(server):
     [ok] = scorer.score_many([('the word "monday"', _days_sample())])
     assert ok.failed_groups == 0 and ok.metrics.balanced_accuracy == 1.0 and ok.calls == 2
     second = server.posts("/chat/completions")[-1].body["messages"]
-    assert second[-3] == {"role": "assistant", "content": "1: yes\nI am not sure about the others."}
+    # The bad reply, then the format reminder (the API backend moves the "1:" prefill into it).
+    assert second[-2] == {"role": "assistant", "content": "1: yes\nI am not sure about the others."}
+    assert second[-1]["role"] == "user" and "exactly 5 lines" in second[-1]["content"]
     server.reset()
     server.script("garbled", "garbled")
     [failed] = scorer.score_many([('the word "monday"', _days_sample())])

@@ -93,7 +93,9 @@ def test_materialize_one_layer_fills_every_table(tmp_path):
     for neuron, group in top.group_by("neuron"):
         values = group["max_activation"].to_list()
         assert values == sorted(values, reverse=True)
-        assert math.isclose(values[0], stats.filter(pl.col("neuron") == neuron[0])["max"][0], rel_tol=1e-6)
+        # (Records keep float16 activations by default, capture.activation_dtype: the max of the stored
+        # values is the exact max rounded to float16's 11 significant bits.)
+        assert math.isclose(values[0], stats.filter(pl.col("neuron") == neuron[0])["max"][0], rel_tol=1e-3)
 
     explanations = pl.read_delta(str(table_path(lake, "explanations")))
     assert explanations.height == 8

@@ -804,31 +804,48 @@ def test_llm_answers_are_stored_the_moment_they_arrive(tmp_path, monkeypatch):
             assert len(cache) == 10 + 2
 
 
-def test_explanations_are_requested_in_bounded_chunks(monkeypatch):
+def test_explanations_are_requested_in_a_bounded_window():
+    """At most ``workers`` neurons are in progress at once (bounded memory), and the window fills."""
+    import threading
+    import time
+
     from neuron_pipeline.assets import explanations as stage
     from neuron_pipeline.config import RecordsSettings
     from neuron_pipeline.interp.explainer import Explanation
     from neuron_pipeline.interp.records import ActivationRecord, NeuronId, NeuronRecord
     from neuron_pipeline.lake import table_frame
 
-    monkeypatch.setattr(stage, "EXPLAIN_CHUNK", 16)
-    batches = []
+    lock = threading.Lock()
+    in_progress, most = 0, 0
+    first_window = threading.Barrier(16, timeout=30)  # the first 16 neurons must all be in progress together
 
     class Recording:
         explainer_id, model_name, prompt_hash = "llm-test", "fake", "p"
 
         def explain_many(self, batch):
-            batches.append(len(batch))
+            nonlocal in_progress, most
+            with lock:
+                in_progress += 1
+                most = max(most, in_progress)
+            n = int(batch[0][0].tokens[0][2:])
+            if n < 16:
+                first_window.wait()
+            time.sleep(0.01)
+            with lock:
+                in_progress -= 1
             return [Explanation("x") for _ in batch]
 
     def neuron(n):
         top = [ActivationRecord((f" a{n}", " b"), (float(20 - i), 0.0), i) for i in range(20)]
         return NeuronRecord(NeuronId(0, n), top=top, random=[ActivationRecord((" c", " d"), (0.0, 0.1), 30 + i) for i in range(20)])
 
-    frame, new = stage.explain_layer(Recording(), {n: neuron(n) for n in range(70)}, table_frame("explanations", []), RecordsSettings(), "m", 0)
+    frame, new = stage.explain_layer(
+        Recording(), {n: neuron(n) for n in range(70)}, table_frame("explanations", []), RecordsSettings(), "m", 0, workers=16
+    )
     assert new == 70 and frame.height == 70
-    assert batches == [16, 16, 16, 16, 6]
-    record("explain_chunks", {"neurons": 70, "chunk": 16, "batches": batches})
+    assert frame["neuron"].to_list() == list(range(70))
+    assert most == 16
+    record("explain_chunks", {"neurons": 70, "workers": 16, "most_in_progress": most})
 
 
 # --- 4. Bad input ----------------------------------------------------------------------------------

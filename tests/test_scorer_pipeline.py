@@ -95,11 +95,13 @@ def test_scorers_in_the_lake_side_by_side_with_simulation(tmp_path, server):
 
     con = connect(lake)
     side = con.sql(SIDE_BY_SIDE).pl()
-    assert side.height == 9
+    # One row per scored (neuron, explainer); each scorer's column is that explanation's stored score.
+    assert side.height == read_table(lake, "scores").select("neuron", "explainer_id").n_unique() > 0
     for method in ("detection", "fuzzing", "embedding"):
-        stored = results.filter(pl.col("method") == method).sort("neuron", "explainer_id")["score"].to_list()
-        assert side[method].to_list() == stored
-    assert side["simulation"].is_not_null().any() and side["embedding"].is_not_null().any()
+        stored = results.filter(pl.col("method") == method).select("neuron", "explainer_id", stored="score")
+        joined = side.join(stored, on=["neuron", "explainer_id"], how="left")
+        assert joined[method].to_list() == joined["stored"].to_list()
+    assert side["embedding"].is_not_null().any()
     assert set(side.columns) == {"layer", "neuron", "explainer_id", "simulation", "detection", "fuzzing", "embedding"}
 
     # Nothing changed: every chat request is served from the LLM cache.

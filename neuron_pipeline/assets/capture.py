@@ -12,15 +12,16 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, quality_check_spec
-from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
+from neuron_pipeline.assets.checks import check_result, combine_reports, gate, quality_check_spec
+from neuron_pipeline.assets.metadata import lake_metadata, publish_layer
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.versions import capture_data_version
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import parse_index_spec
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
-from neuron_pipeline.subject import LayerCapture, capture_layers
+from neuron_pipeline.subject import LayerCapture, iter_captures
+from neuron_pipeline.subject.capture import plan_capture
 
 
 def stats_frame(capture: LayerCapture, model_id: str, corpus_hash: str) -> pl.DataFrame:
@@ -138,38 +139,55 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         context.log.info(
             f"capturing layers {layers} x {len(neurons)} neurons over {token_ids.size} tokens on {subject.device}"
         )
-        with track(total=len(token_ids), stage="capture", layer=layers, unit="sequence") as bar:
-            captures = capture_layers(
-                subject, token_ids, layers, neurons, settings.records, settings.subject.batch_size, progress=bar.update
-            )
-
+        plan = plan_capture(
+            layers, len(neurons), token_ids.shape[1], len(token_ids), settings.records,
+            settings.capture.activation_dtype, settings.capture.max_memory_gb,
+        )
+        context.log.info(plan.describe())
         sequence_tokens = corpus.select("sequence_id", "tokens")
+        del corpus
         params = QualityParams.from_settings(
             settings, expected_neurons=neurons, corpus_tokens=int(token_ids.size), corpus_sequences=len(token_ids)
         )
-        # Both tables, all layers of the run: validated before anything is written.
-        stats = pl.concat([stats_frame(c, subject.model_id, corpus_hash) for c in captures.values()])
-        records = pl.concat([records_frame(c, subject.model_id, sequence_tokens) for c in captures.values()])
-        stats_report = yield from gate("neuron_activations", stats, params)
-        records_report = yield from gate("activation_records", records, params)
-        run_layers = {"layer": [str(layer) for layer in layers]}
-        write_table(lake, "neuron_activations", stats, replace_where=run_layers)
-        write_table(lake, "activation_records", records, replace_where=run_layers)
-        n_records = records.height
+        stats_reports, records_reports = [], []
+        n_stats = n_records = 0
+        with track(total=len(token_ids) * len(plan.passes), stage="capture", layer=layers, unit="sequence") as bar:
+            captures = iter_captures(
+                subject, token_ids, layers, neurons, settings.records, settings.subject.batch_size, progress=bar.update,
+                passes=plan.passes, activation_dtype=settings.capture.activation_dtype,
+            )
+            # Each layer as soon as the pass is done: its two tables built, validated (both before
+            # either is written: bad rows never land), written, and freed before the next layer.
+            for layer, layer_capture in captures:
+                stats = stats_frame(layer_capture, subject.model_id, corpus_hash)
+                records = records_frame(layer_capture, subject.model_id, sequence_tokens)
+                del layer_capture
+                stats_reports.append((yield from gate("neuron_activations", stats, params)))
+                records_reports.append((yield from gate("activation_records", records, params)))
+                write_table(lake, "neuron_activations", stats, replace_where={"layer": str(layer)})
+                write_table(lake, "activation_records", records, replace_where={"layer": str(layer)})
+                publish_layer(context, "neuron_activations", layer, stats, expected_neurons=len(neurons))
+                publish_layer(context, "activation_records", layer, records, expected_neurons=len(neurons))
+                n_stats += stats.height
+                n_records += records.height
+                del stats, records
+        stats_report = combine_reports("neuron_activations", stats_reports)
+        records_report = combine_reports("activation_records", records_reports)
 
         common = {
             "layers": str(layers),
             "neurons_per_layer": len(neurons),
             "tokens": int(token_ids.size),
             "corpus_hash": corpus_hash,
+            "forward_passes": len(plan.passes),
+            "capture_mib_per_layer": round(plan.bytes_per_layer / 2**20, 2),
+            "capture_plan": plan.describe(),
         }
         # The same tokens and recipe give the same data: downstream is not made stale by a re-run.
         data_version = capture_data_version(settings, corpus_hash)
-        publish_layers(context, "neuron_activations", stats, expected_neurons=len(neurons))
-        publish_layers(context, "activation_records", records, expected_neurons=len(neurons))
         yield dg.MaterializeResult(
             asset_key="neuron_activations",
-            metadata={**common, "rows": stats.height, **lake_metadata(lake, "neuron_activations")},
+            metadata={**common, "rows": n_stats, **lake_metadata(lake, "neuron_activations")},
             check_results=[check_result(stats_report)],
             data_version=data_version,
         )

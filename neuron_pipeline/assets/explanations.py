@@ -3,20 +3,30 @@
 
 import dataclasses
 from datetime import datetime, timezone
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import polars as pl
 
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.checks import (
+    QualityGateFailed,
+    check_result,
+    check_rows,
+    gate,
+    combine_reports,
+    gate_upstream,
+    quality_check_spec,
+    upstream_check_spec,
+)
+from neuron_pipeline.assets.layered import layer_neurons, llm_workers, record_chunks, run_by_layer
 from neuron_pipeline.assets.metadata import cost_metadata, failure_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
 from neuron_pipeline.config import RecordsSettings, parse_index_spec
-from neuron_pipeline.interp.explainer import Explainer
+from neuron_pipeline.interp.explainer import Explainer, Explanation
 from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows, split_records
@@ -37,9 +47,6 @@ def records_fingerprint(records) -> str:
     return content_hash(*(f"{r.sequence_id}:{r.tokens}:{r.activations}" for r in records))
 
 
-# Neurons explained per request batch: bounded memory, and a crash loses at most one chunk
-# of work that is not in the LLM cache yet (cached calls are never paid twice).
-EXPLAIN_CHUNK = 64
 
 
 def select_subset(spec: str, candidates: list[int]) -> list[int]:
@@ -51,26 +58,22 @@ def select_subset(spec: str, candidates: list[int]) -> list[int]:
     return [c for c in candidates if c in chosen]
 
 
-def explain_layer(
-    explainer: Explainer,
-    records_by_neuron: dict[int, NeuronRecord],
-    existing: pl.DataFrame,
-    records_settings: RecordsSettings,
-    model_id: str,
-    layer: int,
-    output_tokens: Mapping[int, OutputTokens] | None = None,
-) -> tuple[pl.DataFrame, int]:
-    """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
-    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations).
-    ``output_tokens`` (neuron -> promoted / suppressed tokens) feeds output-aware explainers."""
+def _explain_fn(explainer: Explainer):
+    """Explain a list of splits with whatever the explainer offers."""
+    if hasattr(explainer, "explain_splits"):
+        return explainer.explain_splits
+    if getattr(explainer, "uses_output_tokens", False):
+        return lambda splits_list: explainer.explain_many([s.explain for s in splits_list], [s.output_tokens for s in splits_list])
+    explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
+    return lambda splits_list: explain_many([s.explain for s in splits_list])
+
+
+def _todo(
+    explainer: Explainer, records_by_neuron: dict[int, NeuronRecord], done: dict, records_settings: RecordsSettings,
+    kept: list, layer: int, output_tokens: Mapping[int, OutputTokens] | None,
+):
+    """(neuron, fingerprint, splits) to explain; unchanged successful rows go to ``kept``."""
     uses_outputs = getattr(explainer, "uses_output_tokens", False)
-    done = {
-        (row["neuron"], row["records_hash"]): row
-        for row in existing.iter_rows(named=True)
-        if row["error"] is None
-    }
-    rows, todo = [], []
-    label = explainer_label(explainer)
     for neuron in sorted(records_by_neuron):
         splits = split_records(
             records_by_neuron[neuron],
@@ -85,41 +88,109 @@ def explain_layer(
             splits = dataclasses.replace(splits, output_tokens=outputs_of(output_tokens, layer, neuron))
             fingerprint = content_hash(fingerprint, splits.output_tokens.fingerprint())
         if (neuron, fingerprint) in done:
-            rows.append({**done[(neuron, fingerprint)], "explainer_label": label})
+            kept.append({**done[(neuron, fingerprint)], "explainer_label": explainer_label(explainer)})
         else:
-            todo.append((neuron, fingerprint, splits))
-    if hasattr(explainer, "explain_splits"):
-        explain_many = explainer.explain_splits
-    elif uses_outputs:
-        explain_many = lambda splits_list: explainer.explain_many(  # noqa: E731
-            [s.explain for s in splits_list], [s.output_tokens for s in splits_list]
-        )
-    else:
-        explain_many = getattr(explainer, "explain_many", None) or (lambda batches: [explainer.explain(b) for b in batches])
-        explain_many = (lambda inner: lambda splits_list: inner([s.explain for s in splits_list]))(explain_many)
-    with track(total=len(todo), stage="explanations", layer=layer, unit="neuron", detail=explainer.explainer_id) as bar:
-        for start in range(0, len(todo), EXPLAIN_CHUNK):
-            chunk = todo[start : start + EXPLAIN_CHUNK]
-            for (neuron, fingerprint, _), result in zip(chunk, explain_many([splits for _, _, splits in chunk])):
-                rows.append(
-                    {
-                        "model": model_id,
-                        "layer": str(layer),
-                        "neuron": neuron,
-                        "explainer_id": explainer.explainer_id,
-                        "explainer_model": explainer.model_name,
-                        "prompt_hash": explainer.prompt_hash,
-                        "explanation": result.text,
-                        "prompt_tokens": result.prompt_tokens,
-                        "completion_tokens": result.completion_tokens,
-                        "error": result.error,
-                        "records_hash": fingerprint,
-                        "created_at": datetime.now(timezone.utc),
-                        "explainer_label": label,
-                    }
-                )
-            bar.update(len(chunk))
-    return table_frame("explanations", sorted(rows, key=lambda r: r["neuron"])), len(todo)
+            yield neuron, fingerprint, splits
+
+
+def _explanation_row(explainer: Explainer, model_id: str, layer: int, neuron: int, fingerprint: str, result) -> dict:
+    return {
+        "model": model_id,
+        "layer": str(layer),
+        "neuron": neuron,
+        "explainer_id": explainer.explainer_id,
+        "explainer_model": explainer.model_name,
+        "prompt_hash": explainer.prompt_hash,
+        "explanation": result.text,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "error": result.error,
+        "records_hash": fingerprint,
+        "created_at": datetime.now(timezone.utc),
+        "explainer_label": explainer_label(explainer),
+    }
+
+
+def _failed(exc: Exception) -> Explanation:
+    message = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return Explanation("", error=f"{type(exc).__name__}: {message}")
+
+
+def explain_layer(
+    explainer: Explainer,
+    records_by_neuron: dict[int, NeuronRecord],
+    existing: pl.DataFrame,
+    records_settings: RecordsSettings,
+    model_id: str,
+    layer: int,
+    output_tokens: Mapping[int, OutputTokens] | None = None,
+    workers: int = 1,
+) -> tuple[pl.DataFrame, int]:
+    """Explanations for the layer under one explainer id: kept where the inputs are unchanged and
+    the earlier call succeeded, new otherwise. Returns (all rows for the slice, new explanations).
+    ``output_tokens`` (neuron -> promoted / suppressed tokens) feeds output-aware explainers.
+    (The asset streams layers through ``explain_layers``; this is the one-layer form.)"""
+    frames: dict[int, pl.DataFrame] = {}
+    calls = explain_layers(
+        explainer, [layer], lambda _: (records_by_neuron, existing, output_tokens), records_settings, model_id,
+        lambda _, frame: frames.__setitem__(layer, frame), workers,
+    )
+    return frames[layer], calls
+
+
+def explain_layers(
+    explainer: Explainer,
+    layers: list[int],
+    load: Callable[
+        [int], tuple[dict[int, NeuronRecord] | Iterable[dict[int, NeuronRecord]], pl.DataFrame, Mapping[int, OutputTokens] | None]
+    ],
+    records_settings: RecordsSettings,
+    model_id: str,
+    flush: Callable[[int, pl.DataFrame], None],
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Explain the layers' neurons, ``workers`` neurons in progress at once across layers.
+    ``load(layer)`` gives the layer's records (a dict, or chunks of dicts read lazily), its
+    existing rows under this explainer id and its output tokens (output-aware explainers, else None); ``flush(layer, frame)`` receives each layer's complete
+    slice, sorted by neuron, as soon as it is done. Returns the number of new explanations."""
+    explain = _explain_fn(explainer)
+    calls = 0
+
+    def plan(layer: int):
+        records, existing, output_tokens = load(layer)
+        done = {(row["neuron"], row["records_hash"]): row for row in existing.iter_rows(named=True) if row["error"] is None}
+        state: dict = {"layer": layer, "kept": [], "rows": []}
+        chunks = [records] if isinstance(records, dict) else records
+
+        def tasks():
+            for chunk in chunks:
+                yield from _todo(explainer, chunk, done, records_settings, state["kept"], layer, output_tokens)
+
+        return state, tasks()
+
+    def work(task):
+        _, _, splits = task
+        return explain([splits])[0]
+
+    def collect(state, task, result):
+        nonlocal calls
+        neuron, fingerprint, _ = task
+        if isinstance(result, Exception):  # a failure of our own code path: recorded with the neuron
+            result = _failed(result)
+        state["rows"].append(_explanation_row(explainer, model_id, state["layer"], neuron, fingerprint, result))
+        calls += 1
+        if progress is not None:
+            progress(1)
+
+    def flush_layer(layer: int, state) -> None:
+        if progress is not None and state["kept"]:
+            progress(len(state["kept"]))  # unchanged explanations count as done
+        rows = sorted(state["kept"] + state["rows"], key=lambda r: r["neuron"])
+        flush(layer, table_frame("explanations", rows))
+
+    run_by_layer(layers, plan, work, collect, flush_layer, workers)
+    return calls
 
 
 def outputs_of(output_tokens: Mapping[int, OutputTokens] | None, layer: int, neuron: int) -> OutputTokens:
@@ -163,47 +234,65 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         settings, lake = pipeline.settings, pipeline.lake
         layers = layers_of(context)
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        run_layers = [str(layer) for layer in layers]
         upstream = yield from gate_upstream("explanations", "activation_records", lake, layers, settings)
         plan = run_plan(settings, context.log.info)  # the bill of the configured run, before anything is paid
-        records = {layer: load_neuron_records(lake, layer) for layer in layers}
-        missing = [layer for layer in layers if not records[layer]]
+        neurons_of = {layer: layer_neurons(lake, layer) for layer in layers}
+        missing = [layer for layer in layers if not neurons_of[layer]]
         if missing:
             raise ValueError(f"no activation_records for layers {missing}: materialize activation_records first")
-        model_id = read_table(lake, "activation_records", where={"layer": run_layers}, columns=["model"])["model"][0]
-        frames = {}
-        for explainer_settings, explainer in llm.explainers():
-            per_layer = []
-            explainer_layers = select_subset(explainer_settings.layers, layers)
-            for layer in explainer_layers:
-                layer_records = records[layer]
-                wanted = select_subset(explainer_settings.neurons, sorted(layer_records))
-                where = {"layer": str(layer), "explainer_id": explainer.explainer_id}
-                existing = read_table(lake, "explanations", where=where)
-                outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
-                frame, calls = explain_layer(
-                    explainer, {n: layer_records[n] for n in wanted}, existing, settings.records, model_id, layer, outputs
-                )
-                per_layer.append(frame)
-                totals["new_calls"] += calls
-                context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations, {calls} new")
-            if per_layer:
-                frames[explainer.explainer_id] = (pl.concat(per_layer), [str(layer) for layer in explainer_layers])
-        combined = pl.concat([frame for frame, _ in frames.values()])
-        report = yield from gate("explanations", combined, QualityParams.from_settings(settings))
-        for explainer_id, (frame, explainer_layers) in frames.items():
-            write_table(
-                lake, "explanations", frame, replace_where={"layer": explainer_layers, "explainer_id": explainer_id}
-            )
-        totals["explained"] = combined.height
-        totals["errors"] = int(combined["error"].is_not_null().sum())
-        totals["prompt_tokens"] = int(combined["prompt_tokens"].sum() or 0)
-        totals["completion_tokens"] = int(combined["completion_tokens"].sum() or 0)
+        model_id = read_table(lake, "activation_records", where={"layer": str(layers[0])}, columns=["model"])["model"][0]
+        params = QualityParams.from_settings(settings)
+        reports = []
+        usd_in_layers = 0.0
+        explainer_ids = []
+        try:
+            for explainer_settings, explainer in llm.explainers():
+                explainer_ids.append(explainer.explainer_id)
+                explainer_layers = select_subset(explainer_settings.layers, layers)
+
+                def load(layer, explainer_settings=explainer_settings, explainer=explainer):
+                    wanted = select_subset(explainer_settings.neurons, neurons_of[layer])
+                    existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
+                    outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
+                    return record_chunks(lake, layer, wanted), existing, outputs
+
+                def flush(layer, frame, explainer=explainer):
+                    nonlocal usd_in_layers
+                    # Validated before it is written, one layer at a time: bad rows never land.
+                    reports.append(check_rows("explanations", frame, params, skip_empty=True))
+                    write_table(lake, "explanations", frame, replace_where={"layer": str(layer), "explainer_id": explainer.explainer_id})
+                    totals["explained"] += frame.height
+                    totals["errors"] += int(frame["error"].is_not_null().sum())
+                    totals["prompt_tokens"] += int(frame["prompt_tokens"].sum() or 0)
+                    totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
+                    usd_in_layers += cost_metadata(llm.explainers(), frame).get("usd_in_layers", 0.0)
+                    context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations written")
+
+                total = sum(len(select_subset(explainer_settings.neurons, neurons_of[layer])) for layer in explainer_layers)
+                with track(
+                    total=total, stage="explanations", layer=explainer_layers, unit="neuron", detail=explainer.explainer_id
+                ) as bar:
+                    totals["new_calls"] += explain_layers(
+                        explainer, explainer_layers, load, settings.records, model_id, flush,
+                        workers=llm_workers(explainer_settings), progress=bar.update,
+                    )
+        except QualityGateFailed as failed:
+            yield failed.result
+            raise failed.failure from None
+        if not any(reports):  # every layer empty: the run's empty rows face the gate, as before
+            yield from gate("explanations", table_frame("explanations", []), params)
+        report = combine_reports("explanations", reports)
         totals.update(llm.usage())
-        totals["neurons_explained"] = combined.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique()
-        totals.update(cost_metadata(llm.explainers(), combined))
-        totals.update(failure_metadata(combined, None))
-        publish_layers(context, "explanations", combined)
+        # Per layer, from the lake (only the columns the metadata needs): coverage per partition.
+        written = read_table(
+            lake, "explanations", where={"layer": [str(layer) for layer in layers], "explainer_id": explainer_ids},
+            columns=["layer", "neuron", "explainer_id", "explainer_label", "error"],
+        )
+        totals.update(failure_metadata(written, None))
+        totals["neurons_explained"] = written.filter(pl.col("error").is_null()).select("layer", "neuron").n_unique()
+        totals.update(cost_metadata(llm.explainers()))
+        totals["usd_in_layers"] = round(usd_in_layers, 6)
+        publish_layers(context, "explanations", written)
         yield dg.MaterializeResult(
             check_results=[check_result(report), upstream],
             metadata={**totals, **lake_metadata(lake, "explanations"), **plan},

@@ -38,8 +38,16 @@ def publish_layers(context: dg.AssetExecutionContext, table: str, frame: pl.Data
     """Per layer of the run: row count and coverage, on that layer's partition."""
     for layer in context.partition_keys:
         rows = frame.filter(pl.col("layer") == layer) if "layer" in frame.columns else frame
-        metadata = {"dagster/row_count": rows.height, **layer_metadata(table, rows, **extra)}
-        context.add_asset_metadata(metadata, asset_key=asset_key or table, partition_key=layer)
+        publish_layer(context, table, layer, rows, asset_key, **extra)
+
+
+def publish_layer(
+    context: dg.AssetExecutionContext, table: str, layer: str | int, rows: pl.DataFrame, asset_key: str | None = None, **extra
+) -> None:
+    """Row count and coverage of one layer's rows, on that layer's partition (stages that work
+    layer by layer publish each layer as it is written)."""
+    metadata = {"dagster/row_count": rows.height, **layer_metadata(table, rows, **extra)}
+    context.add_asset_metadata(metadata, asset_key=asset_key or table, partition_key=str(layer))
 
 
 def layer_metadata(table: str, rows: pl.DataFrame, expected_neurons: int | None = None, lake=None) -> dict[str, Any]:

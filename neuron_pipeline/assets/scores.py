@@ -7,7 +7,7 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.checks import check_result, combine_reports, gate, gate_upstream, quality_check_spec, upstream_check_spec
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layers, score_metadata
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
@@ -16,6 +16,14 @@ from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
 from neuron_pipeline.interp.variants import fit_calibration
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 from neuron_pipeline.lake.outcomes import meaningful_pairs
+
+
+# Neurons whose simulations are read and scored at once (the table is sorted by neuron).
+SCORE_CHUNK = 1024
+SCORED_COLUMNS = [
+    "model", "layer", "neuron", "explainer_id", "simulator_id", "kind", "rank", "true_activations", "expected_activations",
+    "simulator_label", "error",
+]
 
 
 def score_layer(
@@ -106,18 +114,32 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         lake = pipeline.lake
         layers = layers_of(context)
         upstream = yield from gate_upstream("scores", "simulations", lake, layers, pipeline.settings)
-        frames = []
+        params = QualityParams.from_settings(pipeline.settings)
+        frames, reports = [], []
+        # One layer at a time: its simulations are read, scored, validated, written and freed
+        # (the scores themselves, one row per neuron, are kept for the run's metadata).
         for layer in layers:
             stats = read_table(lake, "neuron_activations", where={"layer": str(layer)}, columns=["neuron", "max"])
             max_activation = dict(zip(stats["neuron"].to_list(), stats["max"].to_list()))
             labels = read_table(lake, "explanations", where={"layer": str(layer)}, columns=["explainer_id", "explainer_label"])
             explainer_labels = dict(labels.drop_nulls().unique("explainer_id").iter_rows())
-            frames.append(
-                score_layer(read_table(lake, "simulations", where={"layer": str(layer)}), max_activation, explainer_labels)
-            )
+            neurons = sorted(read_table(lake, "simulations", where={"layer": str(layer)}, columns=["neuron"])["neuron"].unique().to_list())
+            parts = [
+                score_layer(
+                    read_table(lake, "simulations", where={"layer": str(layer), "neuron": neurons[i : i + SCORE_CHUNK]}, columns=SCORED_COLUMNS),
+                    max_activation,
+                    explainer_labels,
+                )
+                for i in range(0, len(neurons), SCORE_CHUNK)
+            ]
+            frame = pl.concat(parts) if parts else table_frame("scores", [])
+            reports.append((yield from gate("scores", frame, params, skip_empty=True)))
+            write_table(lake, "scores", frame, replace_where={"layer": str(layer)})
+            frames.append(frame)
         combined = pl.concat(frames)
-        report = yield from gate("scores", combined, QualityParams.from_settings(pipeline.settings))
-        write_table(lake, "scores", combined, replace_where={"layer": [str(layer) for layer in layers]})
+        if not any(reports):  # every layer empty: the run's empty rows face the gate, as before
+            yield from gate("scores", combined, params)
+        report = combine_reports("scores", reports)
         metadata = {**lake_metadata(lake, "scores"), "rows": combined.height}
         # Mean, quantiles, histogram and best neurons over the run's layers; per layer on each partition.
         metadata.update(score_metadata(combined, lake))

@@ -6,7 +6,7 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.checks import check_result, combine_reports, gate, gate_upstream, quality_check_spec, upstream_check_spec
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
@@ -93,19 +93,22 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
         lake = pipeline.lake
         layers = layers_of(context)
         upstream = yield from gate_upstream("layer_summary", "scores", lake, layers, pipeline.settings)
-        frames = []
-        for layer in layers:
+        params = QualityParams.from_settings(pipeline.settings)
+        frames, reports = [], []
+        for layer in layers:  # one layer read, summarized, validated and written at a time
             where = {"layer": str(layer)}
-            frames.append(
-                summarize_layer(
-                    read_table(lake, "scores", where=where),
-                    read_table(lake, "explanations", where=where),
-                    read_table(lake, "simulations", where=where, columns=["explainer_id", "simulator_id", "prompt_tokens", "completion_tokens"]),
-                )
+            frame = summarize_layer(
+                read_table(lake, "scores", where=where),
+                read_table(lake, "explanations", where=where),
+                read_table(lake, "simulations", where=where, columns=["explainer_id", "simulator_id", "prompt_tokens", "completion_tokens"]),
             )
+            reports.append((yield from gate("layer_summary", frame, params, skip_empty=True)))
+            write_table(lake, "layer_summary", frame, replace_where=where)
+            frames.append(frame)  # a few rows per layer
         summary = pl.concat(frames)
-        report = yield from gate("layer_summary", summary, QualityParams.from_settings(pipeline.settings))
-        write_table(lake, "layer_summary", summary, replace_where={"layer": [str(layer) for layer in layers]})
+        if not any(reports):  # every layer empty: the run's empty rows face the gate, as before
+            yield from gate("layer_summary", summary, params)
+        report = combine_reports("layer_summary", reports)
         metadata = {**lake_metadata(lake, "layer_summary"), "rows": summary.height}
         if summary.height:
             table = summary.select(

@@ -120,6 +120,7 @@ def own_recipes(settings: Settings, templates: Path | None = None) -> dict[str, 
         "neuron_output_tokens": {"dtype": subject.dtype, "top_k": OUTPUT_TOKENS_K},
         "capture": {
             "dtype": subject.dtype,
+            "activation_dtype": settings.capture.activation_dtype,
             "neurons": settings.neurons,
             "records": records.model_dump(
                 mode="json", include={"top_k", "random_k", "quantile_bins", "per_quantile_bin", "quantile_sample_size", "seed"}

@@ -1,7 +1,7 @@
 """The model being explained: loading, MLP-neuron hook points per architecture, capture."""
 
 from neuron_pipeline.subject.architectures import ARCHITECTURES, ArchitectureSpec, UnsupportedModelError
-from neuron_pipeline.subject.capture import LayerCapture, NonFiniteActivationsError, capture_layers
+from neuron_pipeline.subject.capture import LayerCapture, NonFiniteActivationsError, capture_layers, iter_captures
 from neuron_pipeline.subject.loading import (
     BUNDLED_MODELS,
     Subject,
@@ -24,6 +24,7 @@ __all__ = [
     "UnsupportedModelError",
     "capture_layers",
     "describe_subject",
+    "iter_captures",
     "load_subject",
     "resolve_device",
 ]

@@ -21,8 +21,9 @@ activations (see BENCHMARKS.md: capture costs a few percent of the forward pass)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -140,14 +141,14 @@ class _TopReservoir:
     evicts. Ties in max activation keep the lower sequence id (stable sorts, batches in id order).
     """
 
-    def __init__(self, k: int, n: int, seq_len: int, device):
+    def __init__(self, k: int, n: int, seq_len: int, device, dtype: torch.dtype = torch.float32):
         self.k = k
         self.keys = torch.full((n, k), torch.inf, dtype=torch.float32, device=device)
         self.slot = torch.arange(k, device=device)[None, :].expand(n, k).contiguous()
         self.sequence_id = torch.full((n, k), -1, dtype=torch.int64, device=device)
         self.max_activation = torch.full((n, k), float("nan"), dtype=torch.float32, device=device)
         # Not zero-filled (tens of MB per layer): slots never filled are zeroed in payloads().
-        self.activations = torch.empty((n, k, seq_len), dtype=torch.float32, device=device)
+        self.activations = torch.empty((n, k, seq_len), dtype=dtype, device=device)
 
     def offer(self, activations: torch.Tensor, seq_max_t: torch.Tensor, sequence_ids: torch.Tensor) -> None:
         """activations [B, T, N]; seq_max_t [N, B] (each excerpt's max); sequence_ids [B]."""
@@ -198,14 +199,14 @@ class _PlannedSample:
     """A uniform sample whose members are known up front (``bottom_k_members``): each batch only
     copies the excerpts that belong to it, once, straight into their final rank."""
 
-    def __init__(self, members: torch.Tensor, k: int, seq_len: int):
+    def __init__(self, members: torch.Tensor, k: int, seq_len: int, dtype: torch.dtype = torch.float32):
         n = members.shape[0]
         # [N, k]; -1 = unused (the corpus has fewer than k sequences)
         self.sequence_id = torch.full((n, k), -1, dtype=torch.int64, device=members.device)
         self.sequence_id[:, : members.shape[1]] = members[:, :k]
         members = self.sequence_id
         self.max_activation = torch.full((n, k), float("nan"), dtype=torch.float32, device=members.device)
-        self.activations = torch.empty((n, k, seq_len), dtype=torch.float32, device=members.device)
+        self.activations = torch.empty((n, k, seq_len), dtype=dtype, device=members.device)
         self.activations[members < 0] = 0.0  # the only slots no batch fills (fewer sequences than k)
         # Every (neuron, rank) slot, ordered by the sequence that fills it, to slice per batch.
         cols, ranks = (members >= 0).nonzero(as_tuple=True)
@@ -267,7 +268,7 @@ def _store_rows(payload: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor, 
     """payload[cols[i], slots[i]] = rows[i] for a [N, k, T] payload (index_copy_ on the flat view
     is several times faster than advanced-index assignment)."""
     n, k, t = payload.shape
-    payload.view(n * k, t).index_copy_(0, cols * k + slots, rows)
+    payload.view(n * k, t).index_copy_(0, cols * k + slots, rows.to(payload.dtype))
 
 
 class Scratch:
@@ -327,7 +328,7 @@ class LayerAccumulator:
 
     def __init__(
         self, layer: int, neurons: torch.Tensor, seq_len: int, records: RecordsSettings, device, n_sequences: int,
-        scratch: Scratch | None = None,
+        scratch: Scratch | None = None, activation_dtype: torch.dtype = torch.float32,
     ):
         device = torch.device(device)
         self.scratch = scratch or Scratch()
@@ -345,9 +346,10 @@ class LayerAccumulator:
         self.min = torch.full((n,), torch.inf, device=device)
         self.positive = torch.zeros(n, dtype=torch.int64, device=device)
         seed = records.seed
-        self.top = _TopReservoir(records.top_k, n, seq_len, device)
+        self.activation_dtype = activation_dtype
+        self.top = _TopReservoir(records.top_k, n, seq_len, device, activation_dtype)
         random_members, _ = bottom_k_members(seed, _SALT_RANDOM, layer, self.neurons, n_sequences, records.random_k)
-        self.random = _PlannedSample(random_members, records.random_k, seq_len)
+        self.random = _PlannedSample(random_members, records.random_k, seq_len, activation_dtype)
         self.quantile_candidates = self.quantile_sample = None
         if records.quantile_bins:
             n_candidates = records.quantile_bins * records.per_quantile_bin * _QUANTILE_OVERSAMPLE
@@ -357,7 +359,7 @@ class LayerAccumulator:
                 ordered=n_candidates,
             )
             self.quantile_sample = _MaximaSample(seed, layer, self.neurons, keys)
-            self.quantile_candidates = _PlannedSample(members, n_candidates, seq_len)
+            self.quantile_candidates = _PlannedSample(members, n_candidates, seq_len, activation_dtype)
 
     def update(self, activations: torch.Tensor, sequence_ids: torch.Tensor) -> None:
         """activations: [B, T, N] float32 for the selected neurons; sequence_ids: [B], the next
@@ -414,14 +416,14 @@ class LayerAccumulator:
             raise ValueError(f"only sequences 0..{self.next_id - 1} of {self.n_sequences} were captured")
         variance = self.m2 / max(self.count - 1, 1)
         bins = self.records.quantile_bins
-        samples = {"top": _numpy(self.top.payloads()), "random": _numpy(self.random.payloads())}
+        samples = {"top": self._stored(self.top.payloads()), "random": self._stored(self.random.payloads())}
         boundaries = np.zeros((max(bins - 1, 0), len(self.neurons)), dtype=np.float32)
         if bins:
             maxima = self.quantile_sample.values()
             qs = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
             boundaries = torch.quantile(maxima.cpu().double(), qs, dim=1).float().numpy()
             samples["quantile"] = _pick_quantile_records(
-                _numpy(self.quantile_candidates.payloads()), boundaries, self.records.per_quantile_bin
+                self._stored(self.quantile_candidates.payloads()), boundaries, self.records.per_quantile_bin
             )
         return LayerCapture(
             layer=self.layer,
@@ -435,6 +437,43 @@ class LayerAccumulator:
             quantile_boundaries=boundaries,
             samples=samples,
         )
+
+
+    def _stored(self, payloads: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Payloads as numpy; with a narrower storage type, each record's max_activation is the max
+        of its stored values (rounding is monotonic: the ranking by exact maxima still holds)."""
+        if self.activation_dtype != torch.float32:
+            activations = payloads["activations"]
+            if not torch.isfinite(activations).all():
+                raise NonFiniteActivationsError(
+                    f"layer {self.layer} has activations beyond the range of {str(self.activation_dtype).removeprefix('torch.')} "
+                    "(max |activation| over 65504): set capture.activation_dtype: float32"
+                )
+            filled = payloads["sequence_id"] >= 0
+            rounded = activations.amax(-1).float()
+            payloads = {**payloads, "max_activation": torch.where(filled, rounded, payloads["max_activation"])}
+        return _numpy(payloads)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this layer's accumulator keeps, by part (measured on its tensors)."""
+        def size(*tensors) -> int:
+            return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))
+
+        parts = {
+            "statistics": size(self.mean, self.m2, self.max, self.min, self.positive),
+            "top": size(self.top.keys, self.top.slot, self.top.sequence_id, self.top.max_activation, self.top.activations),
+            "random": _sample_bytes(self.random),
+        }
+        if self.quantile_sample is not None:
+            parts["quantile"] = _sample_bytes(self.quantile_candidates) + size(
+                self.quantile_sample.maxima, self.quantile_sample.filled, self.quantile_sample.threshold
+            )
+        return parts
+
+
+def _sample_bytes(sample: "_PlannedSample") -> int:
+    tensors = (sample.sequence_id, sample.max_activation, sample.activations, sample._wanted, sample._cols, sample._ranks)
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def _numpy(payloads: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -492,8 +531,30 @@ def capture_layers(
     records: RecordsSettings,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    activation_dtype: torch.dtype | str = torch.float32,
 ) -> dict[int, LayerCapture]:
-    """One forward pass over ``token_ids`` [S, T] feeding every requested layer's accumulator."""
+    """One forward pass over ``token_ids`` [S, T] feeding every requested layer's accumulator;
+    every layer's result at once (``iter_captures`` hands them over one by one)."""
+    return dict(
+        iter_captures(subject, token_ids, layers, neurons, records, batch_size, progress, activation_dtype=activation_dtype)
+    )
+
+
+def iter_captures(
+    subject,
+    token_ids: np.ndarray,
+    layers: Iterable[int],
+    neurons: list[int],
+    records: RecordsSettings,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+    passes: list[list[int]] | None = None,
+    activation_dtype: torch.dtype | str = torch.float32,
+) -> Iterator[tuple[int, LayerCapture]]:
+    """``(layer, LayerCapture)`` for every requested layer, in layer order. Each forward pass
+    feeds the accumulators of its layers (``passes``: groups of layers, default one pass for
+    all); after a pass each layer is finalized and handed over one at a time, its accumulator
+    freed first, so the caller can write it and let it go before the next one is built."""
     layers = sorted({int(layer) for layer in layers})
     neurons = [int(n) for n in neurons]  # also accepts numpy arrays and tuples
     if len(token_ids) == 0:
@@ -502,13 +563,35 @@ def capture_layers(
         raise ValueError(f"layers {layers} must be a non-empty selection of 0-{subject.num_layers - 1}")
     if not neurons or min(neurons) < 0 or max(neurons) >= subject.num_neurons:
         raise ValueError(f"neurons must be a non-empty selection of 0-{subject.num_neurons - 1}")
+    groups = [sorted(group) for group in passes] if passes else [layers]
+    if sorted(layer for group in groups for layer in group) != layers:
+        raise ValueError(f"capture passes {groups} do not cover layers {layers} exactly once")
+    for group in groups:
+        accumulators = _forward_pass(
+            subject, token_ids, group, neurons, records, batch_size, progress, storage_dtype(activation_dtype)
+        )
+        for layer in group:
+            capture = accumulators.pop(layer).finalize()
+            yield layer, capture
+            del capture
+
+
+def _forward_pass(
+    subject, token_ids: np.ndarray, layers: list[int], neurons: list[int], records: RecordsSettings, batch_size: int,
+    progress: Callable[[int], None] | None, activation_dtype: torch.dtype = torch.float32,
+) -> dict[int, LayerAccumulator]:
+    """One forward pass over the corpus, stopped after the deepest of ``layers``; returns each
+    layer's filled accumulator."""
     device = subject.device
     neuron_index = torch.tensor(neurons, dtype=torch.long, device=device)
     take_all = len(neurons) == subject.num_neurons and neurons == list(range(subject.num_neurons))
     seq_len = token_ids.shape[1]
     scratch = Scratch()
     accumulators = {
-        layer: LayerAccumulator(layer, neuron_index, seq_len, records, device, n_sequences=len(token_ids), scratch=scratch)
+        layer: LayerAccumulator(
+            layer, neuron_index, seq_len, records, device, n_sequences=len(token_ids), scratch=scratch,
+            activation_dtype=activation_dtype,
+        )
         for layer in layers
     }
     current_ids: dict[str, torch.Tensor] = {}
@@ -547,4 +630,95 @@ def capture_layers(
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: acc.finalize() for layer, acc in accumulators.items()}
+    return accumulators
+
+
+# --------------------------------------------------------------------------- memory plan
+
+
+def storage_dtype(name: torch.dtype | str) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"capture.activation_dtype {name!r} is not one of {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+# Neurons of the accumulator built to measure a layer's kept state (every tensor is [neurons, ...]:
+# the state is exactly linear in the neurons).
+_MEASURE_NEURONS = 64
+
+
+def layer_state_bytes(
+    n_neurons: int, seq_len: int, n_sequences: int, records: RecordsSettings, activation_dtype: torch.dtype | str = torch.float32
+) -> dict[str, int]:
+    """Bytes one layer's capture keeps for ``n_neurons``, by part: measured on a real accumulator
+    of a few neurons (on the CPU) and scaled."""
+    block = min(n_neurons, _MEASURE_NEURONS)
+    accumulator = LayerAccumulator(
+        0, torch.arange(block), seq_len, records, "cpu", n_sequences, activation_dtype=storage_dtype(activation_dtype)
+    )
+    return {part: value * n_neurons // block for part, value in accumulator.state_bytes().items()}
+
+
+def default_capture_memory_bytes() -> int:
+    """40% of this machine's physical memory (the rest: the model, one layer downstream, others)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return int(0.4 * total)
+
+
+@dataclass
+class CapturePlan:
+    """How the requested layers are captured: the fewest forward passes whose kept state fits."""
+
+    passes: list[list[int]]
+    layer_bytes: dict[str, int]  # kept per layer, by part
+    budget_bytes: int
+    activation_dtype: str
+
+    @property
+    def bytes_per_layer(self) -> int:
+        return sum(self.layer_bytes.values())
+
+    def describe(self) -> str:
+        per_layer = self.bytes_per_layer
+        layers = sum(len(group) for group in self.passes)
+        biggest = max(len(group) for group in self.passes)
+        parts = ", ".join(f"{name} {value / 2**20:,.1f}" for name, value in self.layer_bytes.items())
+        text = (
+            f"capture plan: {layers} layers, {per_layer / 2**20:,.1f} MiB kept per layer ({parts} MiB; "
+            f"{self.activation_dtype} activations), budget capture.max_memory_gb = {self.budget_bytes / 1e9:,.1f} GB: "
+        )
+        if len(self.passes) == 1:
+            return text + f"one forward pass ({layers * per_layer / 2**30:,.2f} GiB)"
+        ranges = ", ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in self.passes)
+        text += f"{len(self.passes)} forward passes of at most {biggest} layers ({biggest * per_layer / 2**30:,.2f} GiB each): {ranges}"
+        if biggest == 1 and 3 * per_layer > self.budget_bytes:
+            text += " (one layer alone exceeds the budget: raise capture.max_memory_gb or select fewer neurons)"
+        return text
+
+
+def plan_capture(
+    layers: Iterable[int], n_neurons: int, seq_len: int, n_sequences: int, records: RecordsSettings,
+    activation_dtype: str = "float32", max_memory_gb: float | None = None,
+) -> CapturePlan:
+    """Split ``layers`` into the fewest contiguous forward passes whose buffers fit the budget.
+    Finalizing a layer briefly takes about two more layers' worth (its payloads are copied out),
+    so a pass holds at most ``budget / per_layer - 2`` layers (at least one)."""
+    layers = sorted({int(layer) for layer in layers})
+    parts = layer_state_bytes(n_neurons, seq_len, n_sequences, records, activation_dtype)
+    per_layer = max(1, sum(parts.values()))
+    budget = int(max_memory_gb * 1e9) if max_memory_gb else default_capture_memory_bytes()
+    fit = max(1, budget // per_layer - 2)
+    n_passes = -(-len(layers) // fit) if layers else 1
+    size, extra = divmod(len(layers), n_passes)
+    passes, start = [], 0
+    for i in range(n_passes):
+        end = start + size + (1 if i < extra else 0)
+        passes.append(layers[start:end])
+        start = end
+    return CapturePlan([p for p in passes if p] or [layers], parts, budget, activation_dtype)

@@ -219,8 +219,9 @@ def render(data: dict) -> str:
         out += ["", f"8x the corpus: +{memory['growth_mib']:.1f} MiB (bound: 15% of the small run's growth + 24 MiB = "
                 f"{memory['bound_mib']:.1f} MiB)."]
         if chunks:
-            out.append(f"Explanations are requested in chunks of `EXPLAIN_CHUNK` ({chunks['neurons']} neurons with a chunk "
-                       f"of {chunks['chunk']}: batches {chunks['batches']}), and every LLM answer is committed to the SQLite "
+            out.append(f"Explanations (and simulations) are requested in a sliding window of neurons across layers "
+                       f"({chunks['neurons']} neurons with a window of {chunks['workers']}: at most "
+                       f"{chunks['most_in_progress']} in progress at once), and every LLM answer is committed to the SQLite "
                        "cache as soon as it arrives, not at the end of its batch (tested: while a batch is in flight the "
                        "cache already holds every answer that came back).")
     if key or prompts or viewer:

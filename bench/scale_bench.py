@@ -1,0 +1,160 @@
+"""A whole model on one machine: ``neuron-pipeline run`` over every neuron of many layers.
+
+One CLI run per configuration (a subprocess with its own ``DAGSTER_HOME``), its resident memory
+sampled every 0.25 s; the Dagster step windows split the samples by stage (peak memory per
+stage) and give each stage's wall time. Reported with the lake's size on disk and, for the
+GPT-2 XL shape, the extrapolation to all 48 layers and to the paper's corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.common import REPO, Section, fmt_bytes
+from bench.stages_bench import _step_windows
+
+STAGES = ["corpus_tokens", "capture", "explanations", "simulations", "scores", "layer_summary", "neuron_viewer"]
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _folder_bytes(folder: Path, skip: tuple[str, ...] = ("_llm_cache",)) -> int:
+    total = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip]
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def gpt2_xl_model(folder: Path, layers: int = 48) -> Path:
+    """A randomly initialised GPT-2 XL config (speed and memory do not depend on the weights),
+    saved with a word-level tokenizer built from the corpus vocabulary of GPT-2's size."""
+    import torch
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=1600, n_layer=layers, n_head=25, n_positions=1024, vocab_size=50257)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    # GPT-2's own tokenizer files are not available offline: SmolLM2's BPE stands in (its ids fit
+    # in GPT-2's vocabulary).
+    from neuron_pipeline.subject import load_subject
+    from neuron_pipeline.config import SubjectSettings
+
+    load_subject(SubjectSettings()).tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.yaml"
+    config.write_text(config_text)
+    home = folder / "dagster"
+    home.mkdir(exist_ok=True)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    lake = folder / "lake"
+    log = open(folder / "cli.log", "w")
+    started_wall = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "neuron_pipeline.cli", "run", "--config", str(config), "--lake", str(lake), *(extra_args or [])],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
+    )
+    samples: list[tuple[float, int]] = []
+    while process.poll() is None:
+        samples.append((time.time(), _rss(process.pid)))
+        time.sleep(0.25)
+    wall = time.time() - started_wall
+    log.close()
+    if process.returncode != 0:
+        tail = (folder / "cli.log").read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"neuron-pipeline run failed (exit {process.returncode}): {tail}")
+    windows = _step_windows(home)
+    stages = {}
+    for stage in STAGES:
+        if stage not in windows:
+            continue
+        lo, hi = windows[stage]
+        inside = [rss for t, rss in samples if lo <= t <= hi]
+        stages[stage] = {"wall_s": hi - lo, "peak_rss": max(inside) if inside else 0}
+    viewer = folder / "viewer"
+    return {
+        "wall_s": wall,
+        "peak_rss": max(rss for _, rss in samples) if samples else 0,
+        "stages": stages,
+        "lake_bytes": _folder_bytes(lake),
+        "viewer_bytes": _folder_bytes(viewer) if viewer.is_dir() else 0,
+        "viewer_files": sum(len(files) for _, _, files in os.walk(viewer)) if viewer.is_dir() else 0,
+        "progress_lines": sum(1 for line in (folder / "cli.log").read_text().splitlines() if line.startswith("progress ")),
+    }
+
+
+def smollm2_config(layers: str, sequences: int = 2000) -> str:
+    return (
+        f"profile: demo\ncorpus:\n  max_sequences: {sequences}\nlayers: \"{layers}\"\nneurons: all\n"
+        "explainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n"
+    )
+
+
+def gpt2_config(model: Path, layers: str, sequences: int) -> str:
+    return (
+        f"profile: demo\nsubject:\n  model: {model}\n  batch_size: 16\ncorpus:\n  max_sequences: {sequences}\n"
+        f"layers: \"{layers}\"\nneurons: all\nexplainers:\n  - backend: baseline\nsimulators:\n  - backend: baseline\n"
+    )
+
+
+def table(results: dict[str, dict]) -> str:
+    head = "| run | wall | peak RSS | " + " | ".join(f"{s} (wall / peak)" for s in STAGES) + " | lake | viewer |"
+    lines = [head, "|" + "---|" * (5 + len(STAGES))]
+    for name, r in results.items():
+        cells = [
+            f"{r['stages'][s]['wall_s']:.0f} s / {fmt_bytes(r['stages'][s]['peak_rss'])}" if s in r["stages"] else "—"
+            for s in STAGES
+        ]
+        lines.append(
+            f"| {name} | {r['wall_s'] / 60:.1f} min | {fmt_bytes(r['peak_rss'])} | " + " | ".join(cells)
+            + f" | {fmt_bytes(r['lake_bytes'])} | {r['viewer_files']:,} files, {fmt_bytes(r['viewer_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_bench")
+    parser.add_argument("runs", nargs="+", help="smollm2:<layers> or gpt2xl:<layers>:<sequences>")
+    parser.add_argument("--out", default="/tmp/np-scale-bench")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for spec in args.runs:
+        kind, *rest = spec.split(":")
+        if kind == "smollm2":
+            text = smollm2_config(rest[0], int(rest[1]) if len(rest) > 1 else 2000)
+        else:
+            model = gpt2_xl_model(out / "gpt2-xl-random")
+            text = gpt2_config(model, rest[0], int(rest[1]))
+        print(f"[scale] {spec} ...", flush=True)
+        results[spec] = run_whole(out / spec.replace(":", "_"), text)
+        print(json.dumps({spec: results[spec]}), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
