@@ -202,11 +202,8 @@ class CachedValueModel:
         self.model_name = model.model_name
         self.new_prompt_tokens = 0
 
-    def value_distributions(self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]) -> list[SlotDistributions]:
-        keys = [
-            self.cache.key(self.model_name, "value_distributions", [prefix, suffix, list(s)])
-            for suffix, s in zip(suffixes, slots)
-        ]
+    def _lookup(self, keys: Sequence[str]) -> tuple[list[SlotDistributions | None], list[int]]:
+        """Cached answers (None where missing) and the indices still to compute."""
         results: list[SlotDistributions | None] = []
         missing = []
         for i, key in enumerate(keys):
@@ -226,6 +223,21 @@ class CachedValueModel:
                 self.cache.misses += 1
                 results.append(None)
                 missing.append(i)
+        return results, missing
+
+    def _keep(self, key: str, kind: str, distribution: SlotDistributions) -> None:
+        self.new_prompt_tokens += distribution.prompt_tokens
+        payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
+        if distribution.value_mass is not None:
+            payload["value_mass"] = np.asarray(distribution.value_mass).tolist()
+        self.cache.put(key, self.model_name, kind, json.dumps(payload))
+
+    def value_distributions(self, prefix: str, suffixes: Sequence[str], slots: Sequence[Sequence[int]]) -> list[SlotDistributions]:
+        keys = [
+            self.cache.key(self.model_name, "value_distributions", [prefix, suffix, list(s)])
+            for suffix, s in zip(suffixes, slots)
+        ]
+        results, missing = self._lookup(keys)
         if missing:
             failures: list[Exception] = []
 
@@ -234,11 +246,7 @@ class CachedValueModel:
                     failures.append(distribution)
                     return
                 results[i] = distribution
-                self.new_prompt_tokens += distribution.prompt_tokens
-                payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
-                if distribution.value_mass is not None:
-                    payload["value_mass"] = np.asarray(distribution.value_mass).tolist()
-                self.cache.put(keys[i], self.model_name, "value_distributions", json.dumps(payload))
+                self._keep(keys[i], "value_distributions", distribution)
 
             submit = getattr(self.model, "submit_value_distributions", None)
             if submit is not None:
@@ -253,7 +261,6 @@ class CachedValueModel:
                     store(i, distribution)
         return results  # type: ignore[return-value]
 
-
     def question_distributions(
         self, prefix: str, contexts: Sequence[str], questions: Sequence[Sequence[str]]
     ) -> list[SlotDistributions]:
@@ -262,25 +269,12 @@ class CachedValueModel:
             self.cache.key(self.model_name, "question_distributions", [prefix, context, list(q)])
             for context, q in zip(contexts, questions)
         ]
-        results: list[SlotDistributions | None] = []
-        missing = []
-        for i, key in enumerate(keys):
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.cache.hits += 1
-                data = json.loads(hit)
-                results.append(SlotDistributions(np.asarray(data["probabilities"], dtype=np.float64), data["prompt_tokens"]))
-            else:
-                self.cache.misses += 1
-                results.append(None)
-                missing.append(i)
+        results, missing = self._lookup(keys)
         if missing:
             fresh = self.model.question_distributions(prefix, [contexts[i] for i in missing], [questions[i] for i in missing])
             for i, distribution in zip(missing, fresh):
                 results[i] = distribution
-                self.new_prompt_tokens += distribution.prompt_tokens
-                payload = {"probabilities": distribution.probabilities.tolist(), "prompt_tokens": distribution.prompt_tokens}
-                self.cache.put(keys[i], self.model_name, "question_distributions", json.dumps(payload))
+                self._keep(keys[i], "question_distributions", distribution)
         return results  # type: ignore[return-value]
 
 
