@@ -174,8 +174,9 @@ def check_capture(got, acts: np.ndarray, neurons, layer: int, records: RecordsSe
     assert got.count == exp["count"]
     np.testing.assert_allclose(got.mean, exp["mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.variance, exp["variance"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(got.max, exp["max"], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got.min, exp["min"], rtol=1e-6, atol=1e-6)
+    # The brute force runs the model in other batch shapes: float32 sums differ in the 7th digit.
+    np.testing.assert_allclose(got.max, exp["max"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.min, exp["min"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.frac_positive, exp["frac_positive"], rtol=0, atol=1e-12)
 
     top = got.samples["top"]
