@@ -180,7 +180,7 @@ def test_dagster_dev_serves_the_materialized_lake(tmp_path):
     try:
         nodes = _wait_for_assets(process, port, log)
         by_name = {"/".join(n["assetKey"]["path"]): n for n in nodes}
-        assert set(by_name) == {"corpus_tokens", *LAYER_ASSETS, "neuron_viewer"}
+        assert set(by_name) == {"corpus_tokens", *LAYER_ASSETS, "neuron_viewer", "evaluations"}
         for name, node in by_name.items():
             assert node["description"] and node["groupName"] and node["kinds"], name
             checks = {c["name"]: c["blocking"] for c in node["assetChecksOrError"]["checks"]}
