@@ -40,7 +40,7 @@ def test_definitions_load(tmp_path):
     defs = build_definitions(small_settings(tmp_path / "lake"))
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"corpus_tokens", *LAYER_ASSETS, "neuron_viewer"}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"corpus_tokens", *LAYER_ASSETS, "neuron_viewer", "evaluations"}
     capture = graph.get(dg.AssetKey("activation_records"))
     # One partition per decoder layer of the bundled SmolLM2 (30 layers), keys as strings.
     assert capture.partitions_def.get_partition_keys() == [str(i) for i in range(30)]

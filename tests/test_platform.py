@@ -388,7 +388,8 @@ def test_prompt_or_explainer_change_makes_explain_side_stale_not_capture(materia
             for k in graph_after.get_all_asset_keys()
             if graph_before.get(k).code_version != graph_after.get(k).code_version
         }
-        assert changed_versions == set(jobs.EXPLAIN_ASSETS) | {"neuron_viewer"}
+        # The evaluation suite measures the explainers with their prompts: it changes too.
+        assert changed_versions == set(jobs.EXPLAIN_ASSETS) | {"neuron_viewer", "evaluations"}
 
         # A simulator template only touches simulations and after.
         (prompts / "simulator_v1.txt").write_text((prompts / "simulator_v1.txt").read_text() + "\n")
@@ -398,7 +399,7 @@ def test_prompt_or_explainer_change_makes_explain_side_stale_not_capture(materia
         b = build_definitions(sim_llm, prompts_dir=prompts).resolve_asset_graph()
         assert {k.to_user_string() for k in a.get_all_asset_keys() if a.get(k).code_version != b.get(k).code_version} == set(
             jobs.RESCORE_ASSETS
-        ) | {"neuron_viewer"}
+        ) | {"neuron_viewer", "evaluations"}
 
 
 def test_corpus_or_model_change_makes_everything_stale(materialized):
