@@ -24,7 +24,7 @@ from neuron_pipeline.subject.capture import (
     layer_state_bytes,
     plan_capture,
 )
-from tests.test_capture import RECORDS, random_tokens, tiny_subject
+from test_capture import RECORDS, random_tokens, tiny_subject  # tests/ is on sys.path (pytest rootdir-less prepend mode)
 
 REPO = Path(__file__).resolve().parents[1]
 
