@@ -149,7 +149,7 @@ _RUN = textwrap.dedent(
 def _tiny_model(folder: Path, layers: int, neurons: int) -> Path:
     import transformers
 
-    from tests.test_architectures import save_tokenizer
+    from test_architectures import save_tokenizer
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
