@@ -124,10 +124,10 @@ def test_planting_makes_a_neuron_fire_on_its_tokens(tmp_path):
 
     subject = Subject.from_model(model, "tiny", _Tokens())
     sequences = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(1)).numpy()
-    target = Plant("seven", 1, 5, (" 7",), ("7",))
+    target = Plant("seven", 0, 5, (" 7",), ("7",))
     plant(subject, [target], sequences)
     captured = []
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0][..., 5]))
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0][..., 5]))
     with torch.inference_mode():
         model(input_ids=torch.as_tensor(sequences))
     handle.remove()
@@ -135,7 +135,7 @@ def test_planting_makes_a_neuron_fire_on_its_tokens(tmp_path):
     is_seven = torch.as_tensor(sequences.reshape(-1) == 7)
     top = torch.argsort(activations, descending=True)[: int(is_seven.sum())]
     assert is_seven[top].float().mean() >= 0.9
-    assert float(model.model.layers[1].mlp.down_proj.weight[:, 5].abs().sum()) == 0.0  # the rest of the model untouched
+    assert float(model.model.layers[0].mlp.down_proj.weight[:, 5].abs().sum()) == 0.0  # the rest of the model untouched
     assert (save_planted(subject, tmp_path / "planted") / "config.json").is_file()
 
 

@@ -106,6 +106,7 @@ def fit_readout(inputs: torch.Tensor, positive: torch.Tensor, rounds: int = 3) -
     return readout.float()
 
 
+@torch.no_grad()
 def plant(subject: Subject, plants: Sequence[Plant], sequences: np.ndarray) -> None:
     """Rewire each planted neuron of ``subject`` in place (see the module docstring)."""
     for layer in sorted({p.layer for p in plants}):
