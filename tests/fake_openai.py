@@ -533,6 +533,10 @@ def chat_content(messages: list[dict], explainer_style: str = "continue") -> str
         token, tab, value = line.rpartition("\t")
         if tab and value.strip().isdigit() and int(value) > best_value:
             best, best_value = token, int(value)
+    # explainer_v2 marks tokens in running text and lists the strongest first: 'Strongest tokens: "cup" (10), ...'
+    strongest = re.findall(r'^Strongest tokens: "((?:[^"\\]|\\.)*)" \((\d+)\)', last, flags=re.M)
+    if best is None and strongest:
+        best, best_value = strongest[-1][0], int(strongest[-1][1])
     # An output-aware prompt (explainer_outputs_v1) also lists the tokens the neuron promotes.
     promoted = re.findall(r'^Promotes: "((?:[^"\\]|\\.)*)"', last, flags=re.M)
     promotes = f', and it makes the model say "{promoted[-1].strip()}"' if promoted else ""
@@ -541,8 +545,9 @@ def chat_content(messages: list[dict], explainer_style: str = "continue") -> str
     phrase = f'the word "{best.strip()}" and words like it{promotes}.'
     if explainer_style == "sentence":
         return f"This neuron responds to {phrase}"
-    if explainer_style == "echo":
-        return f"The main thing neuron C does is find {phrase}"
+    if explainer_style == "echo":  # repeats the prompt's own sentence opening
+        opening = "The main thing this neuron does is find" if "The main thing this neuron does is find" in last else "The main thing neuron C does is find"
+        return f"{opening} {phrase}"
     if explainer_style == "garbage":
         return f"<start>\n{best.strip()}\t{best_value}\n<end>"
     return f" {phrase}"

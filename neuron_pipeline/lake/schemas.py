@@ -1,8 +1,8 @@
 """The one place that defines each lake table's schema.
 
-Every table except ``corpus_tokens`` is partitioned by ``layer``, a *string* column: with an
-integer partition column the Dagster Delta IO manager silently rewrites the whole table, and
-string partition values keep paths (``layer=3``) and predicates uniform across engines.
+Every table except ``corpus_tokens`` and the ``evaluations`` report is partitioned by ``layer``, a
+*string* column: with an integer partition column the Dagster Delta IO manager silently rewrites
+the whole table, and string partition values keep paths (``layer=3``) and predicates uniform across engines.
 """
 
 from __future__ import annotations
