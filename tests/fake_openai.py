@@ -534,7 +534,7 @@ def chat_content(messages: list[dict], explainer_style: str = "continue") -> str
         if tab and value.strip().isdigit() and int(value) > best_value:
             best, best_value = token, int(value)
     # explainer_v2 marks tokens in running text and lists the strongest first: 'Strongest tokens: "cup" (10), ...'
-    strongest = re.findall(r'^Strongest tokens: "((?:[^"\\]|\\.)*)" \((\d+)\)', last, flags=re.M)
+    strongest = re.findall(r'^Strongest tokens: "((?:[^"\\]|\\.)*)" \((\d+)', last, flags=re.M)
     if best is None and strongest:
         best, best_value = strongest[-1][0], int(strongest[-1][1])
     # An output-aware prompt (explainer_outputs_v1) also lists the tokens the neuron promotes.

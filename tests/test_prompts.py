@@ -259,3 +259,20 @@ def test_content_hash():
     import hashlib
 
     assert content_hash("a", "b") == hashlib.sha256(b"a\x00b\x00").hexdigest()[:16]
+
+
+def test_highlighted_excerpts_mark_only_firing_tokens_and_corpus_brackets_cannot_forge_a_mark():
+    record = ActivationRecord([" a", " x<", "<y", ">>", " cup", "\n"], [0.0, 0.0, 0.0, 0.0, 2.0, 0.0])
+    line = prompts.format_highlighted([record], max_activation=2.0)
+    assert line == "1. a x\\<\\<y\\>\\> <<cup>>(10)\\n"
+    # The only unescaped "<<" / ">>" are the marker's own.
+    assert re.sub(r"\\.", "", line).count("<<") == 1 and re.sub(r"\\.", "", line).count(">>") == 1
+
+
+def test_top_tokens_are_quoted_escaped_and_ranked_by_value_then_count():
+    records = [
+        ActivationRecord([' "', " cup", " tea", " cup"], [4.0, 4.0, 2.0, 4.0]),
+        ActivationRecord([" tea\t"], [1.0]),
+    ]
+    assert prompts.format_top_tokens(records, 4.0) == '"cup" (10, 2 times), "\\"" (10), "tea" (5), "tea\\t" (2)'
+    assert prompts.format_top_tokens([ActivationRecord([" a"], [0.0])], 1.0) == "none"

@@ -886,7 +886,7 @@ BAD_INPUT = {
     "API base URL that is not http": (
         "simulators:\n  - backend: openai\n    model: m\n    base_url: ftp://127.0.0.1/v1\n", [], "not an http(s) URL", {}),
     "prompt template without its placeholder": (
-        "explainers:\n  - backend: local\n    prompt: {no_placeholder_template}\n", [], "lacks placeholder(s) {{records}}", {}),
+        "explainers:\n  - backend: local\n    prompt: {no_placeholder_template}\n", [], "shows no excerpts: add a {{records}} or {{highlighted}} placeholder", {}),
     "prompt template with an unknown placeholder": (
         "simulators:\n  - backend: local\n    prompt: {extra_placeholder_template}\n", [], "unknown placeholder(s) {{excerpt}}", {}),
     "prompt template that does not exist": ("explainers:\n  - backend: local\n    prompt: explainer_v9\n", [], "'explainer_v9' not found", {}),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from neuron_pipeline.interp.prompts import content_hash, escape_token
+from neuron_pipeline.interp.prompts import content_hash, quote_token
 
 # Tokens per direction shown to the explainer.
 SHOWN_TOKENS = 10
@@ -34,7 +34,7 @@ class OutputTokens:
 
 def _quoted(tokens: Sequence[str]) -> str:
     # Quoted and escaped: leading spaces stay visible and no token can break the line.
-    return ", ".join('"' + escape_token(t).replace('"', '\\"') + '"' for t in tokens[:SHOWN_TOKENS]) or "(none)"
+    return ", ".join(quote_token(t) for t in tokens[:SHOWN_TOKENS]) or "(none)"
 
 
 def format_output_tokens(outputs: OutputTokens) -> str:

@@ -75,8 +75,20 @@ def format_records(records: Sequence[ActivationRecord], max_activation: float) -
     return text
 
 
+def quote_token(token: str) -> str:
+    """A token inside double quotes, escaped: leading spaces stay visible and no token can end
+    the quote or break the line."""
+    return '"' + escape_token(token).replace('"', '\\"') + '"'
+
+
+def _escape_running_text(token: str) -> str:
+    # In running text every angle bracket from the corpus is escaped, so "<<" and ">>" only ever
+    # come from the highlight markers, also across token boundaries ("x<" + "<y").
+    return escape_token(token).replace("<", "\\<").replace(">", "\\>")
+
+
 def _highlight(token: str, value: int) -> str:
-    text = escape_token(token)
+    text = _escape_running_text(token)
     if value <= 0:
         return text
     stripped = text.lstrip(" ")
@@ -89,7 +101,8 @@ def format_highlighted(records: Sequence[ActivationRecord], max_activation: floa
     lines = []
     for number, record in enumerate(records, start=1):
         values = discretize(record.activations, max_activation)
-        lines.append(f"{number}. " + "".join(_highlight(t, v) for t, v in zip(record.tokens, values)).strip())
+        # Only spaces are trimmed: str.strip() would also eat separators like U+2028 that are text.
+        lines.append(f"{number}. " + "".join(_highlight(t, v) for t, v in zip(record.tokens, values)).strip(" "))
     return "\n".join(lines)
 
 
@@ -99,7 +112,7 @@ def format_top_tokens(records: Sequence[ActivationRecord], max_activation: float
     best: dict[str, tuple[int, int]] = {}
     for record in records:
         for token, value in zip(record.tokens, discretize(record.activations, max_activation)):
-            key = escape_token(token.strip())
+            key = token.strip(" ")
             if value <= 0 or not key:
                 continue
             top, count = best.get(key, (0, 0))
@@ -108,7 +121,7 @@ def format_top_tokens(records: Sequence[ActivationRecord], max_activation: float
     if not ranked:
         return "none"
     return ", ".join(
-        f'"{token}" ({value}{f", {count} times" if count > 1 else ""})' for token, (value, count) in ranked
+        f'{quote_token(token)} ({value}{f", {count} times" if count > 1 else ""})' for token, (value, count) in ranked
     )
 
 
