@@ -57,8 +57,9 @@ def test_local_llm_explains_simulates_and_scores_next_to_the_baseline(tmp_path):
     assert explanations.filter(pl.col("explainer_id").str.starts_with("baseline-")).height == 3
 
     simulations = read_table(lake, "simulations")
-    llm_sims = simulations.filter(pl.col("simulator_id").str.starts_with("all_at_once-"))
-    assert set(llm_sims["mode"].unique()) == {"all_at_once_logprobs"}
+    # A local model simulates token by token unless told otherwise.
+    llm_sims = simulations.filter(pl.col("simulator_id").str.starts_with("per_token-"))
+    assert set(llm_sims["mode"].unique()) == {"per_token_logprobs"}
     # Both explanations of neuron 0 are simulated by the LLM: 5 top + 5 random excerpts each.
     assert llm_sims.group_by("explainer_id").len()["len"].to_list() == [10, 10]
     assert llm_sims["expected_activations"].list.max().max() <= 10
@@ -66,9 +67,9 @@ def test_local_llm_explains_simulates_and_scores_next_to_the_baseline(tmp_path):
     summary = read_table(lake, "layer_summary")
     llm_summary = summary.filter(pl.col("explainer_id").str.starts_with("llm-"))
     # Scored by the LLM simulator only: the token look-up cannot read a prose explanation.
-    assert llm_summary.height == 1 and llm_summary["simulator_id"][0].startswith("all_at_once-")
-    assert llm_summary["explainer_label"][0] == "smollm2-135m-instruct · explainer_v1"
-    assert llm_summary["simulator_label"][0] == "smollm2-135m-instruct · simulator_v1 · all-at-once"
+    assert llm_summary.height == 1 and llm_summary["simulator_id"][0].startswith("per_token-")
+    assert llm_summary["explainer_label"][0] == "smollm2-135m-instruct · explainer_v2"
+    assert llm_summary["simulator_label"][0] == "smollm2-135m-instruct · simulator_per_token_v1 · per-token"
     assert llm_summary["baseline_mean_score"].is_not_null().all()
     assert first["explanations"]["cache_misses"] >= 1
 

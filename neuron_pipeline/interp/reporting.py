@@ -23,6 +23,7 @@ UNUSABLE_PREFIX = "unusable completion"
 # How each simulator class produces its values, for the label.
 _SIMULATOR_MODES = {
     "AllAtOnceSimulator": "all-at-once",
+    "PerTokenSimulator": "per-token",
     "BaselineSimulator": "token look-up",
 }
 
