@@ -124,7 +124,9 @@ def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_pat
             ("capture, SIGINT", "SIGINT", lambda log, since: re.search(r"progress capture .*: [1-9]\d*/", _text(log))),
             ("explanations, SIGTERM", "SIGTERM", lambda log, since: posts("chat", since) >= 1),
             ("simulations, SIGINT", "SIGINT", lambda log, since: posts("completions", since) >= 6),
-            ("simulations, terminated from the UI", "terminate", lambda log, since: posts("completions", since) >= 6),
+            # Late in the plan little work is left, so this stop comes at the first simulation call
+            # and calls are slowed (below) to outlast opening the instance and terminating.
+            ("simulations, terminated from the UI", "terminate", lambda log, since: posts("completions", since) >= 1),
             # "SIGINT twice" in a real process is not in this plan: after the earlier stops the
             # resumed run can finish its simulations before two new calls arrive (seen under the
             # layer-by-layer sliding window), so the stop point is never reached. A second signal is
@@ -134,7 +136,7 @@ def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_pat
         for number, (name, how, when) in enumerate(plan):
             log, err = tmp_path / f"stop{number}.log", tmp_path / f"stop{number}.err"
             since = len(fake.posts())
-            fake.latency_s = 3.0 if how == "twice" else 0.15  # a neuron's simulation outlasts both signals
+            fake.latency_s = 1.0 if how == "terminate" else 0.15
             started = time.monotonic()
             pid = zygote.spawn(log, argv=_argv(config, lake), env=_env(home), unset=settings_variables(), err=err)
             deadline = time.monotonic() + 300
@@ -149,11 +151,6 @@ def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_pat
                     instance.run_launcher.terminate(active.run_id)
             else:
                 zygote.signal(pid, signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
-            if how == "twice":
-                while "stopping at the next safe point" not in _text(log):
-                    assert time.monotonic() - stopped_at < 60, _text(log)[-2000:]
-                    time.sleep(0.01)
-                zygote.signal(pid, signal.SIGINT)
             code = zygote.wait(pid, 300)
             seconds_to_exit = time.monotonic() - stopped_at
             stderr = [line for line in _text(err).splitlines() if line.strip()]
@@ -161,8 +158,6 @@ def test_stopping_a_run_in_any_stage_then_resuming_loses_nothing(zygote, tmp_pat
             assert len(stderr) == 1 and "Traceback" not in _text(err) and "Traceback" not in _text(log), f"{name}: {stderr}"
             assert stderr[0].startswith("neuron-pipeline: stopped "), stderr[0]
             assert "run the same command again to resume" in stderr[0], stderr[0]
-            if how == "twice":
-                assert stderr[0].startswith("neuron-pipeline: stopped at once during simulations"), stderr[0]
             runs = _runs(home)
             assert not [r.run_id for r in runs if r.status in ACTIVE], f"{name}: a run was left active"
             assert runs[0].status == dg.DagsterRunStatus.CANCELED, f"{name}: last run {runs[0].status}"
