@@ -193,7 +193,8 @@ def test_peak_memory_of_a_run_is_flat_in_the_number_of_layers(tmp_path):
     512 neurons keep it inside CI's time on 2 cores (at 1,024 the run's explanation embeddings
     alone took minutes). At this size the one-layer working set is mostly fixed costs (GX, the
     embedding model) and the 4-layer run measured +394 MiB over a +692 MiB one-layer run, so the
-    bound is one whole working set: holding every layer would exceed it three times over."""
+    bound is one whole working set: loose, it catches gross regressions only; BENCHMARKS.md holds
+    the measurement at scale."""
     neurons, layers = 512, 4
     model = _tiny_model(tmp_path / "model", layers, neurons)
     rng = np.random.default_rng(0)
