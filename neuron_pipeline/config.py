@@ -8,6 +8,7 @@ explicit overrides (CLI flags). Every error is reported as one line naming the f
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
@@ -146,8 +147,17 @@ class _LLMSettings(_Section):
     batch: bool = False
     batch_poll_s: float = Field(30.0, gt=0, description="seconds between two looks at a pending batch")
     # Where this backend runs, within the run's layers and neurons (LLMs are slow: a subset).
+    # neurons also takes "best:2,worst:2": per layer, the neurons the no-LLM baseline scores
+    # highest and lowest.
     layers: str = "all"
     neurons: str = "all"
+
+    @field_validator("neurons")
+    @classmethod
+    def _neurons_spec(cls, value: str) -> str:
+        if baseline_selectors(value) is None and str(value).strip().lower() not in ("", "all"):
+            parse_index_spec(value, 1 << 20, "neuron")
+        return value
 
     @property
     def model_or_default(self) -> str:
@@ -235,6 +245,10 @@ class SimulatorSettings(_LLMSettings):
         return self
     # Fit real ~ a * simulated + b per neuron on held-out records before rsquared / deviation.
     calibrate: bool = False
+    # Whose explanations an LLM simulator simulates: all (the baseline's too, so explainers compare
+    # on one simulator) or llm (LLM explainers' only: the baseline keeps its own look-up score, and
+    # a slow local simulator does half the work).
+    explanations: Literal["all", "llm"] = "all"
 
     @model_validator(mode="after")
     def _batch_is_chat(self):
@@ -414,6 +428,23 @@ class Settings(_Section):
         from neuron_pipeline.lake.location import Lake
 
         return Lake.of(self.lake, self.lake_storage_options)
+
+
+_BASELINE_SELECTOR = re.compile(r"^(best|worst):(\d+)$")
+
+
+def baseline_selectors(spec: str) -> tuple[int, int] | None:
+    """(best, worst) of a ``"best:2,worst:2"`` neuron spec, None for an index spec. A spec that
+    mixes selectors and indices is refused (one line saying so)."""
+    parts = [part.strip().lower() for part in str(spec).split(",") if part.strip()]
+    matches = [_BASELINE_SELECTOR.match(part) for part in parts]
+    if not any(matches):
+        return None
+    if not all(matches):
+        raise ValueError(f"neurons {spec!r} mixes best:/worst: with indices: use one form or the other")
+    best = sum(int(m[2]) for m in matches if m[1] == "best")
+    worst = sum(int(m[2]) for m in matches if m[1] == "worst")
+    return best, worst
 
 
 def parse_index_spec(spec: str | int | None, size: int, what: str) -> list[int]:

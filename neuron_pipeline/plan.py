@@ -31,7 +31,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings, parse_index_spec
+from neuron_pipeline.config import ExplainerSettings, Settings, SimulatorSettings, baseline_selectors, parse_index_spec
 from neuron_pipeline.interp.explainer import LLMExplainer
 from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import escape_token
@@ -267,6 +267,8 @@ def make_plan(
                                     records_of=lambda s: (s.holdout_top + s.holdout_random) or s.explain)
                 )
         for simulator in settings.simulators:
+            if simulator.explanations == "llm" and explainer.backend == "baseline":
+                continue
             sim_n = min(n, covered(simulator))
             scored = rs.score_top + rs.score_random
             if simulator.calibrate:
@@ -312,6 +314,9 @@ def _stage(stage, role, explainer, entry, mode, neurons, calls, prompt_tokens, c
 
 
 def _subset(spec: str, candidates: list[int]) -> list[int]:
+    picks = baseline_selectors(spec)
+    if picks is not None:  # which neurons depends on the captured records; a plan needs the count
+        return list(candidates)[: sum(picks)]
     if str(spec).strip().lower() in ("", "all"):
         return list(candidates)
     chosen = set(parse_index_spec(spec, 1 << 20, "index"))

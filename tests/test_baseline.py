@@ -198,3 +198,70 @@ def test_make_ids_depend_on_every_input_but_not_param_order():
     assert base != make_explainer_id("local", "model-a", "hash2", {"temperature": 0.0, "max_tokens": 60})
     assert base != make_explainer_id("local", "model-a", "hash1", {"temperature": 0.5, "max_tokens": 60})
     assert make_simulator_id("openai", "m", "h", {}) != make_simulator_id("openai", "m", "h", {"mode": "x"})
+
+
+# --------------------------------------------------------------------------- neurons chosen by the baseline
+
+
+def test_best_and_worst_pick_by_score_skip_undefined_and_break_ties_by_index():
+    from neuron_pipeline.interp.baseline import best_and_worst
+
+    scores = {0: 0.2, 1: None, 2: 0.9, 3: 0.2, 4: -0.1, 5: 0.9}
+    assert best_and_worst(scores, 1, 1) == [2, 4]
+    assert best_and_worst(scores, 2, 0) == [2, 5]
+    assert best_and_worst(scores, 0, 2) == [0, 4]
+    assert best_and_worst(scores, 9, 9) == [0, 2, 3, 4, 5]  # never the unscored neuron 1
+
+
+def test_baseline_selector_spec_is_parsed_and_mixing_forms_is_refused():
+    from neuron_pipeline.config import ExplainerSettings, baseline_selectors
+
+    assert baseline_selectors("best:2, worst:1") == (2, 1) and baseline_selectors("worst:3") == (0, 3)
+    assert baseline_selectors("0-3") is None and baseline_selectors("all") is None
+    with pytest.raises(ValueError, match="mixes best:/worst: with indices"):
+        ExplainerSettings(backend="local", neurons="best:1,4")
+
+
+def test_llm_entries_with_best_and_worst_run_on_the_neurons_the_baseline_scores_highest_and_lowest(tmp_path, monkeypatch):
+    """Through `neuron-pipeline run`: the LLM explainer and simulator (a local OpenAI-compatible
+    server) run on exactly the neurons whose baseline score, in the scores table, is the highest
+    and the lowest of each layer; with `explanations: llm` the LLM simulator skips the baseline's."""
+    import sys
+    from pathlib import Path
+
+    import polars as pl
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_openai import FakeOpenAIServer
+
+    from neuron_pipeline.cli import main
+    from neuron_pipeline.lake import read_table
+
+    monkeypatch.setenv("NEURON_PIPELINE_SELECTOR_KEY", "sk-selector")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with FakeOpenAIServer() as fake:
+        api = {"backend": "openai", "model": "fake-model", "base_url": fake.base_url,
+               "api_key_env": "NEURON_PIPELINE_SELECTOR_KEY", "neurons": "best:1,worst:1"}
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({
+            "corpus": {"max_sequences": 24},
+            "explainers": [{"backend": "baseline"}, api],
+            "simulators": [{"backend": "baseline"}, {**api, "mode": "integers", "explanations": "llm"}],
+            "scorers": [],
+        }))
+        code = main(["run", "--config", str(config), "--lake", str(tmp_path / "lake"), "--layers", "0-1", "--neurons", "0-7"])
+    assert code == 0
+    lake = tmp_path / "lake"
+    scores = read_table(lake, "scores")
+    baseline = scores.filter(pl.col("explainer_id").str.starts_with("baseline-") & pl.col("simulator_id").str.starts_with("baseline-")
+                             & pl.col("score").is_not_null())
+    llm = read_table(lake, "explanations").filter(pl.col("explainer_id").str.starts_with("llm-"))
+    simulated = read_table(lake, "simulations").filter(pl.col("simulator_id").str.starts_with("chat-"))
+    # explanations: llm - the LLM simulator read the LLM's explanations only
+    assert simulated.height and simulated["explainer_id"].str.starts_with("llm-").all()
+    for layer in ("0", "1"):
+        ranked = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"], descending=[True, False])
+        worst = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"])["neuron"][0]
+        expected = sorted({ranked["neuron"][0], worst})
+        assert sorted(llm.filter(pl.col("layer") == layer)["neuron"].to_list()) == expected, layer
+        assert sorted(simulated.filter(pl.col("layer") == layer)["neuron"].unique().to_list()) == expected, layer

@@ -58,6 +58,25 @@ def select_subset(spec: str, candidates: list[int]) -> list[int]:
     return [c for c in candidates if c in chosen]
 
 
+def select_neurons(spec: str, candidates: list[int], lake, layer: int, records_settings: RecordsSettings) -> list[int]:
+    """An LLM entry's neurons in one layer: an index spec (:func:`select_subset`), or ``best:N`` /
+    ``worst:N`` (comma-joined): the neurons the no-LLM baseline explains best and worst here, where
+    an LLM shows what it adds over the token list and where it is needed. Deterministic, so the
+    explainer and simulator entries with the same spec pick the same neurons."""
+    from neuron_pipeline.config import baseline_selectors
+    from neuron_pipeline.interp.baseline import baseline_score, best_and_worst
+
+    picks = baseline_selectors(spec)
+    if picks is None:
+        return select_subset(spec, candidates)
+    records = load_neuron_records(lake, layer, list(candidates))
+    scores = {}
+    for neuron, record in records.items():
+        splits = split_records(record, records_settings.explain_top, records_settings.score_top, records_settings.score_random)
+        scores[neuron] = baseline_score(splits.explain, splits.score_top, splits.score_random)
+    return best_and_worst(scores, *picks)
+
+
 def _explain_fn(explainer: Explainer):
     """Explain a list of splits with whatever the explainer offers."""
     if hasattr(explainer, "explain_splits"):
@@ -251,7 +270,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 explainer_layers = select_subset(explainer_settings.layers, layers)
 
                 def load(layer, explainer_settings=explainer_settings, explainer=explainer):
-                    wanted = select_subset(explainer_settings.neurons, neurons_of[layer])
+                    wanted = select_neurons(explainer_settings.neurons, neurons_of[layer], lake, layer, settings.records)
                     existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
                     outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
                     return record_chunks(lake, layer, wanted), existing, outputs
@@ -268,7 +287,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                     usd_in_layers += cost_metadata(llm.explainers(), frame).get("usd_in_layers", 0.0)
                     context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations written")
 
-                total = sum(len(select_subset(explainer_settings.neurons, neurons_of[layer])) for layer in explainer_layers)
+                total = sum(len(select_neurons(explainer_settings.neurons, neurons_of[layer], lake, layer, settings.records))
+                            for layer in explainer_layers)
                 with track(
                     total=total, stage="explanations", layer=explainer_layers, unit="neuron", detail=explainer.explainer_id
                 ) as bar:

@@ -6,7 +6,7 @@ import dagster as dg
 
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
-from neuron_pipeline.assets.explanations import load_neuron_records, select_subset
+from neuron_pipeline.assets.explanations import load_neuron_records, select_neurons, select_subset
 from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.progress import track
@@ -145,7 +145,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         for scorer_settings, scorer in llm.scorers():
             for layer in select_subset(scorer_settings.layers, layers):
                 explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_ids})
-                wanted = select_subset(scorer_settings.neurons, sorted(records[layer]))
+                wanted = select_neurons(scorer_settings.neurons, sorted(records[layer]), lake, layer, settings.records)
                 existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
                 frame, new = score_layer(
                     scorer,

@@ -7,7 +7,7 @@ import polars as pl
 
 import dagster as dg
 
-from neuron_pipeline.assets.explanations import select_subset
+from neuron_pipeline.assets.explanations import select_neurons, select_subset
 from data_quality import QualityParams
 from neuron_pipeline.assets.checks import (
     QualityGateFailed,
@@ -35,7 +35,7 @@ from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResour
 from neuron_pipeline.config import RecordsSettings
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
-from neuron_pipeline.interp.reporting import error_text, pair_is_meaningful, simulator_label
+from neuron_pipeline.interp.reporting import error_text, is_baseline_id, pair_is_meaningful, simulator_label
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import read_table, table_frame, table_path, write_table
 
@@ -212,11 +212,13 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 for simulator_settings, simulator in llm.simulators():
                     if not pair_is_meaningful(explainer_id, simulator.simulator_id):
                         continue  # e.g. a prose explanation through the token look-up (interp/reporting.py)
+                    if simulator_settings.explanations == "llm" and is_baseline_id(explainer_id):
+                        continue
                     simulator_ids.append(simulator.simulator_id)
                     simulator_layers = select_subset(simulator_settings.layers, layers)
 
                     def load(layer, simulator_settings=simulator_settings, simulator=simulator, explainer_id=explainer_id):
-                        wanted = select_subset(simulator_settings.neurons, neurons_of[layer])
+                        wanted = select_neurons(simulator_settings.neurons, neurons_of[layer], lake, layer, settings.records)
                         explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id})
                         explanations = explanations.filter(pl.col("neuron").is_in(wanted))
                         explained = sorted(explanations.filter(pl.col("error").is_null())["neuron"].to_list())
@@ -242,7 +244,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
                         usd_in_layers += cost_metadata(llm.simulators(), frame, id_attr="simulator_id").get("usd_in_layers", 0.0)
 
-                    total = sum(len(select_subset(simulator_settings.neurons, neurons_of[layer])) for layer in simulator_layers)
+                    total = sum(len(select_neurons(simulator_settings.neurons, neurons_of[layer], lake, layer, settings.records))
+                                for layer in simulator_layers)
                     with track(
                         total=total, stage="simulations", layer=simulator_layers, unit="neuron", detail=simulator.simulator_id
                     ) as bar:

@@ -90,3 +90,28 @@ class BaselineSimulator:
             SequenceSimulation(tuple(tokens), tuple(lookup.get(token_key(t), 0.0) for t in tokens), self.mode)
             for tokens in excerpts
         ]
+
+
+def baseline_score(explain: Sequence[ActivationRecord], score_top: Sequence[ActivationRecord],
+                   score_random: Sequence[ActivationRecord], max_tokens: int = 8) -> float | None:
+    """The baseline's score of one neuron, as the pipeline computes it: the top tokens of the
+    explanation excerpts, simulated by look-up on the scoring excerpts (None where undefined)."""
+    from neuron_pipeline.interp.scoring import ScoredSequence, score_simulation
+
+    explanation = BaselineExplainer(max_tokens).explain(explain).text
+    simulator = BaselineSimulator()
+
+    def scored(records):
+        simulated = simulator.simulate(explanation, [r.tokens for r in records])
+        return [ScoredSequence(r.activations, s.expected_activations) for r, s in zip(records, simulated)]
+
+    return score_simulation(scored(score_top), scored(score_random)).score
+
+
+def best_and_worst(scores: dict[int, float | None], best: int, worst: int) -> list[int]:
+    """The ``best`` highest- and ``worst`` lowest-scored neurons (neurons without a score are
+    neither), in index order; ties go to the lower index."""
+    scored = [n for n, s in scores.items() if s is not None]
+    highest = sorted(scored, key=lambda n: (-scores[n], n))[:best]
+    lowest = sorted(scored, key=lambda n: (scores[n], n))[:worst]
+    return sorted(set(highest) | set(lowest))
