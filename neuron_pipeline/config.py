@@ -282,6 +282,9 @@ class ScorerSettings(_LLMSettings):
     quiet_max: float = Field(QUIET_MAX, gt=0, le=1)
     logprobs: bool = Field(True, description="ask for top_logprobs: p(yes) gives an AUROC")
     answer_retries: int = Field(2, ge=0, le=5, description="re-asks of a group whose reply is malformed")
+    # Whose explanations are judged: all, or llm (LLM explainers' only: a slow local judge does half
+    # the work). Derived detection / fuzzing scorers take it from their simulator entry.
+    explanations: Literal["all", "llm"] = "all"
 
     @model_validator(mode="after")
     def _backend_fits_method(self):
@@ -310,6 +313,8 @@ def default_scorers(simulators: list["SimulatorSettings"], explainers: list["Exp
     backends: list[dict] = []
     for llm in llms:  # one pair per distinct backend (a plain and a contrastive explainer share one)
         backend = llm.model_dump(include=_SCORER_BACKEND_FIELDS)
+        if isinstance(llm, SimulatorSettings):  # judge the explanations the simulator simulates
+            backend["explanations"] = llm.explanations
         if backend not in backends:
             backends.append(backend)
             entries += [ScorerSettings(method="detection", **backend), ScorerSettings(method="fuzzing", **backend)]

@@ -225,7 +225,8 @@ def test_baseline_selector_spec_is_parsed_and_mixing_forms_is_refused():
 def test_llm_entries_with_best_and_worst_run_on_the_neurons_the_baseline_scores_highest_and_lowest(tmp_path, monkeypatch):
     """Through `neuron-pipeline run`: the LLM explainer and simulator (a local OpenAI-compatible
     server) run on exactly the neurons whose baseline score, in the scores table, is the highest
-    and the lowest of each layer; with `explanations: llm` the LLM simulator skips the baseline's."""
+    and the lowest of each layer; with `explanations: llm` the LLM simulator, and the detection and
+    fuzzing scorers derived from it, skip the baseline's (the embedding scorer judges both)."""
     import sys
     from pathlib import Path
 
@@ -247,7 +248,6 @@ def test_llm_entries_with_best_and_worst_run_on_the_neurons_the_baseline_scores_
             "corpus": {"max_sequences": 24},
             "explainers": [{"backend": "baseline"}, api],
             "simulators": [{"backend": "baseline"}, {**api, "mode": "integers", "explanations": "llm"}],
-            "scorers": [],
         }))
         code = main(["run", "--config", str(config), "--lake", str(tmp_path / "lake"), "--layers", "0-1", "--neurons", "0-7"])
     assert code == 0
@@ -259,9 +259,32 @@ def test_llm_entries_with_best_and_worst_run_on_the_neurons_the_baseline_scores_
     simulated = read_table(lake, "simulations").filter(pl.col("simulator_id").str.starts_with("chat-"))
     # explanations: llm - the LLM simulator read the LLM's explanations only
     assert simulated.height and simulated["explainer_id"].str.starts_with("llm-").all()
+    judged = read_table(lake, "scorer_results")
+    by_llm = judged.filter(pl.col("method").is_in(["detection", "fuzzing"]))
+    assert set(by_llm["method"]) == {"detection", "fuzzing"}
+    assert by_llm["explainer_id"].str.starts_with("llm-").all()
+    embedded = judged.filter(pl.col("method") == "embedding")
+    assert embedded["explainer_id"].str.starts_with("baseline-").any() and embedded["explainer_id"].str.starts_with("llm-").any()
     for layer in ("0", "1"):
         ranked = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"], descending=[True, False])
         worst = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"])["neuron"][0]
         expected = sorted({ranked["neuron"][0], worst})
         assert sorted(llm.filter(pl.col("layer") == layer)["neuron"].to_list()) == expected, layer
         assert sorted(simulated.filter(pl.col("layer") == layer)["neuron"].unique().to_list()) == expected, layer
+
+
+def test_derived_detection_and_fuzzing_judge_what_their_simulator_simulates():
+    """Without a `scorers:` section the detection and fuzzing scorers copy the LLM simulator's
+    `explanations`, so `explanations: llm` halves a slow local judge's work too; the embedding
+    scorer (no LLM) always judges every explanation."""
+    from neuron_pipeline.config import Settings
+
+    local = {"backend": "local", "model": "qwen2.5-coder-0.5b-instruct"}
+    only_llm = Settings.model_validate({"explainers": [{"backend": "baseline"}, local],
+                                        "simulators": [{"backend": "baseline"}, {**local, "explanations": "llm"}]})
+    judged = {s.method: s.explanations for s in only_llm.scorer_entries}
+    assert judged == {"embedding": "all", "detection": "llm", "fuzzing": "llm"}
+    every = Settings.model_validate({"explainers": [{"backend": "baseline"}, local], "simulators": [{"backend": "baseline"}, local]})
+    assert {s.explanations for s in every.scorer_entries} == {"all"}
+    with pytest.raises(ValueError, match="explanations"):
+        Settings.model_validate({"scorers": [{"method": "detection", **local, "explanations": "some"}]})

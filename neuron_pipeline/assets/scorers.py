@@ -15,6 +15,7 @@ from neuron_pipeline.config import RecordsSettings, ScorerSettings
 from neuron_pipeline.interp.classification import ScorerResult, ScoringSample, records_seen, scoring_sample
 from neuron_pipeline.interp.prompts import content_hash
 from neuron_pipeline.interp.records import NeuronRecord, split_records
+from neuron_pipeline.interp.reporting import is_baseline_id
 from neuron_pipeline.lake import read_table, table_frame, write_table
 
 # Explanations scored per request batch (bounded memory; all of a chunk's requests go out together).
@@ -144,7 +145,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         frames, scored_anew = [], 0
         for scorer_settings, scorer in llm.scorers():
             for layer in select_subset(scorer_settings.layers, layers):
-                explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_ids})
+                judged = [e for e in explainer_ids if scorer_settings.explanations == "all" or not is_baseline_id(e)]
+                explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": judged})
                 wanted = select_neurons(scorer_settings.neurons, sorted(records[layer]), lake, layer, settings.records)
                 existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
                 frame, new = score_layer(
