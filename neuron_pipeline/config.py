@@ -422,6 +422,13 @@ class Settings(_Section):
         return self
 
     @property
+    def baseline_tokens(self) -> int:
+        """Tokens in the baseline's explanations (its explainer entry's, else the default): what
+        `best:N,worst:N` ranks neurons by, so the ranking matches the `scores` table."""
+        entries = [e.baseline_tokens for e in self.explainers if e.backend == "baseline"]
+        return entries[0] if entries else ExplainerSettings.model_fields["baseline_tokens"].default
+
+    @property
     def scorer_entries(self) -> list[ScorerSettings]:
         """The scorers that run: the `scorers:` section, or the defaults derived from the LLM entries."""
         return list(self.scorers) if self.scorers is not None else default_scorers(self.simulators, self.explainers)

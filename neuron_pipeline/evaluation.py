@@ -182,6 +182,7 @@ def evaluate_planted(
         "neurons": ",".join(str(p.neuron) for p in DEFAULT_PLANTS),
         "explainers": [{**e.model_dump(), "layers": "all", "neurons": "all"} for e in explainers],
         "simulators": [{"backend": "baseline"}],
+        "scorers": [],  # the checks read records and explanations only; an LLM judge would add minutes
         "lake": str(work_dir / "planted_lake"),
     }
     config = work_dir / "planted.yaml"

@@ -288,3 +288,35 @@ def test_derived_detection_and_fuzzing_judge_what_their_simulator_simulates():
     assert {s.explanations for s in every.scorer_entries} == {"all"}
     with pytest.raises(ValueError, match="explanations"):
         Settings.model_validate({"scorers": [{"method": "detection", **local, "explanations": "some"}]})
+
+
+def test_a_selector_that_picks_nothing_in_a_layer_is_a_warning(monkeypatch):
+    """`best:N,worst:N` in a layer where no neuron has a defined baseline score (all flat) picks no
+    neuron; the step says so instead of leaving the layer out silently. Index specs never warn."""
+    import neuron_pipeline.assets.explanations as explanations
+    from neuron_pipeline.config import Settings
+
+    class Log:
+        def __init__(self):
+            self.warnings = []
+
+        def warning(self, message):
+            self.warnings.append(message)
+
+    picked = {0: [3, 5], 1: []}
+    monkeypatch.setattr(explanations, "select_neurons", lambda spec, candidates, lake, layer, settings: picked[layer])
+    log = Log()
+    chosen = explanations.selections("best:1,worst:1", [0, 1], {0: [3, 4, 5], 1: [0, 1, 2]}, None, Settings(), log)
+    assert chosen == picked
+    assert len(log.warnings) == 1 and log.warnings[0].startswith("layer 1:") and "best:1,worst:1" in log.warnings[0]
+    quiet = Log()
+    explanations.selections("0-2", [1], {1: [0, 1, 2]}, None, Settings(), quiet)
+    assert quiet.warnings == []
+
+
+def test_best_and_worst_rank_by_the_configured_baseline():
+    from neuron_pipeline.config import Settings
+
+    assert Settings().baseline_tokens == 8
+    custom = Settings.model_validate({"explainers": [{"backend": "baseline", "baseline_tokens": 3}]})
+    assert custom.baseline_tokens == 3

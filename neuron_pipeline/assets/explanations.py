@@ -3,7 +3,7 @@
 
 import dataclasses
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 
@@ -25,7 +25,7 @@ from neuron_pipeline.assets.metadata import cost_metadata, failure_metadata, lak
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import LLMResource, PipelineSettingsResource
-from neuron_pipeline.config import RecordsSettings, parse_index_spec
+from neuron_pipeline.config import RecordsSettings, Settings, parse_index_spec
 from neuron_pipeline.interp.explainer import Explainer, Explanation
 from neuron_pipeline.interp.outputs import OutputTokens
 from neuron_pipeline.interp.prompts import content_hash
@@ -58,23 +58,42 @@ def select_subset(spec: str, candidates: list[int]) -> list[int]:
     return [c for c in candidates if c in chosen]
 
 
-def select_neurons(spec: str, candidates: list[int], lake, layer: int, records_settings: RecordsSettings) -> list[int]:
+def select_neurons(spec: str, candidates: list[int], lake, layer: int, settings: Settings) -> list[int]:
     """An LLM entry's neurons in one layer: an index spec (:func:`select_subset`), or ``best:N`` /
     ``worst:N`` (comma-joined): the neurons the no-LLM baseline explains best and worst here, where
     an LLM shows what it adds over the token list and where it is needed. Deterministic, so the
-    explainer and simulator entries with the same spec pick the same neurons."""
+    explainer and simulator entries with the same spec pick the same neurons; ranked by the
+    configured baseline (its `baseline_tokens`), as in the `scores` table."""
     from neuron_pipeline.config import baseline_selectors
     from neuron_pipeline.interp.baseline import baseline_score, best_and_worst
 
     picks = baseline_selectors(spec)
     if picks is None:
         return select_subset(spec, candidates)
+    records_settings = settings.records
     records = load_neuron_records(lake, layer, list(candidates))
     scores = {}
     for neuron, record in records.items():
         splits = split_records(record, records_settings.explain_top, records_settings.score_top, records_settings.score_random)
-        scores[neuron] = baseline_score(splits.explain, splits.score_top, splits.score_random)
+        scores[neuron] = baseline_score(splits.explain, splits.score_top, splits.score_random, settings.baseline_tokens)
     return best_and_worst(scores, *picks)
+
+
+def selections(spec: str, layers: Sequence[int], neurons_of: Mapping[int, list[int]], lake, settings: Settings, log) -> dict[int, list[int]]:
+    """:func:`select_neurons` for each layer, computed once per step; a ``best:``/``worst:`` spec
+    that picks nothing in a layer (no neuron there has a defined baseline score) is logged as a
+    warning, not skipped silently."""
+    from neuron_pipeline.config import baseline_selectors
+
+    chosen = {layer: select_neurons(spec, neurons_of[layer], lake, layer, settings) for layer in layers}
+    if baseline_selectors(spec) is not None:
+        for layer in layers:
+            if neurons_of[layer] and not chosen[layer]:
+                log.warning(
+                    f"layer {layer}: neurons {spec!r} picked none of {len(neurons_of[layer])} neurons: no baseline score "
+                    "is defined there (flat held-out activations); list neurons by index to explain them anyway"
+                )
+    return chosen
 
 
 def _explain_fn(explainer: Explainer):
@@ -268,9 +287,10 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
             for explainer_settings, explainer in llm.explainers():
                 explainer_ids.append(explainer.explainer_id)
                 explainer_layers = select_subset(explainer_settings.layers, layers)
+                wanted_of = selections(explainer_settings.neurons, explainer_layers, neurons_of, lake, settings, context.log)
 
-                def load(layer, explainer_settings=explainer_settings, explainer=explainer):
-                    wanted = select_neurons(explainer_settings.neurons, neurons_of[layer], lake, layer, settings.records)
+                def load(layer, explainer=explainer, wanted_of=wanted_of):
+                    wanted = wanted_of[layer]
                     existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
                     outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
                     return record_chunks(lake, layer, wanted), existing, outputs
@@ -287,8 +307,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                     usd_in_layers += cost_metadata(llm.explainers(), frame).get("usd_in_layers", 0.0)
                     context.log.info(f"layer {layer} {explainer.explainer_id}: {frame.height} explanations written")
 
-                total = sum(len(select_neurons(explainer_settings.neurons, neurons_of[layer], lake, layer, settings.records))
-                            for layer in explainer_layers)
+                total = sum(len(wanted_of[layer]) for layer in explainer_layers)
                 with track(
                     total=total, stage="explanations", layer=explainer_layers, unit="neuron", detail=explainer.explainer_id
                 ) as bar:

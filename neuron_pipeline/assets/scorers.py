@@ -147,7 +147,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
             for layer in select_subset(scorer_settings.layers, layers):
                 judged = [e for e in explainer_ids if scorer_settings.explanations == "all" or not is_baseline_id(e)]
                 explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": judged})
-                wanted = select_neurons(scorer_settings.neurons, sorted(records[layer]), lake, layer, settings.records)
+                wanted = select_neurons(scorer_settings.neurons, sorted(records[layer]), lake, layer, settings)
                 existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
                 frame, new = score_layer(
                     scorer,

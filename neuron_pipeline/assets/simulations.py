@@ -216,9 +216,11 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         continue
                     simulator_ids.append(simulator.simulator_id)
                     simulator_layers = select_subset(simulator_settings.layers, layers)
+                    wanted_of = {layer: select_neurons(simulator_settings.neurons, neurons_of[layer], lake, layer, settings)
+                                 for layer in simulator_layers}  # fmt: skip
 
-                    def load(layer, simulator_settings=simulator_settings, simulator=simulator, explainer_id=explainer_id):
-                        wanted = select_neurons(simulator_settings.neurons, neurons_of[layer], lake, layer, settings.records)
+                    def load(layer, simulator=simulator, explainer_id=explainer_id, wanted_of=wanted_of):
+                        wanted = wanted_of[layer]
                         explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id})
                         explanations = explanations.filter(pl.col("neuron").is_in(wanted))
                         explained = sorted(explanations.filter(pl.col("error").is_null())["neuron"].to_list())
@@ -244,8 +246,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         totals["completion_tokens"] += int(frame["completion_tokens"].sum() or 0)
                         usd_in_layers += cost_metadata(llm.simulators(), frame, id_attr="simulator_id").get("usd_in_layers", 0.0)
 
-                    total = sum(len(select_neurons(simulator_settings.neurons, neurons_of[layer], lake, layer, settings.records))
-                                for layer in simulator_layers)
+                    total = sum(len(wanted_of[layer]) for layer in simulator_layers)
                     with track(
                         total=total, stage="simulations", layer=simulator_layers, unit="neuron", detail=simulator.simulator_id
                     ) as bar:
