@@ -265,6 +265,11 @@ def test_llm_entries_with_best_and_worst_run_on_the_neurons_the_baseline_scores_
     assert by_llm["explainer_id"].str.starts_with("llm-").all()
     embedded = judged.filter(pl.col("method") == "embedding")
     assert embedded["explainer_id"].str.starts_with("baseline-").any() and embedded["explainer_id"].str.starts_with("llm-").any()
+    # Scored layer by layer: one commit per layer, each replacing only its own layer's rows.
+    from deltalake import DeltaTable
+
+    commits = DeltaTable(str(lake / "scorer_results")).history()
+    assert sorted(c["operationParameters"]["predicate"].split(" AND ")[0] for c in commits) == ["layer = '0'", "layer = '1'"]
     for layer in ("0", "1"):
         ranked = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"], descending=[True, False])
         worst = baseline.filter(pl.col("layer") == layer).sort(["score", "neuron"])["neuron"][0]

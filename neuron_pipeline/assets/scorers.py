@@ -5,7 +5,15 @@ import polars as pl
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
+from neuron_pipeline.assets.checks import (
+    QualityGateFailed,
+    check_result,
+    check_rows,
+    combine_reports,
+    gate_upstream,
+    quality_check_spec,
+    upstream_check_spec,
+)
 from neuron_pipeline.assets.explanations import load_neuron_records, select_neurons, select_subset
 from neuron_pipeline.assets.metadata import cost_metadata, lake_metadata, publish_layers
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
@@ -141,55 +149,76 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         upstream = yield from gate_upstream("scorer_results", "explanations", lake, layers, settings)
         explainers = [explainer for _, explainer in llm.explainers()]
         explainer_ids = [explainer.explainer_id for explainer in explainers]
-        records = {layer: load_neuron_records(lake, layer) for layer in layers}
-        frames, scored_anew = [], 0
-        for scorer_settings, scorer in llm.scorers():
-            for layer in select_subset(scorer_settings.layers, layers):
-                judged = [e for e in explainer_ids if scorer_settings.explanations == "all" or not is_baseline_id(e)]
-                explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": judged})
-                wanted = select_neurons(scorer_settings.neurons, sorted(records[layer]), lake, layer, settings)
-                existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
-                frame, new = score_layer(
-                    scorer,
-                    scorer_settings,
-                    explanations.filter(pl.col("neuron").is_in(wanted)),
-                    records[layer],
-                    explainers,
-                    settings.records,
-                    existing,
-                )
-                context.log.info(f"layer {layer} {scorer.scorer_id}: {frame.height} explanations, {new} scored anew")
-                frames.append(frame)
-                scored_anew += new
-        combined = pl.concat(frames) if frames else table_frame("scorer_results", [])
-        metadata = {"rows": combined.height, "scored_anew": scored_anew}
-        if combined.height:
-            report = yield from gate("scorer_results", combined, QualityParams.from_settings(settings))
-            # The run's layers under the configured explainers and scorers are replaced; rows of other
-            # layers, and of earlier explainer or scorer ids, stay queryable.
-            write_table(
-                lake,
-                "scorer_results",
-                combined,
-                replace_where={
-                    "layer": [str(layer) for layer in layers],
-                    "explainer_id": explainer_ids,
-                    "scorer_id": [scorer.scorer_id for _, scorer in llm.scorers()],
-                },
-            )
-            checks = [check_result(report), upstream]
-            by_method = combined.group_by("method").agg(
+        scorers = llm.scorers()
+        scorer_ids = [scorer.scorer_id for _, scorer in scorers]
+        params = QualityParams.from_settings(settings)
+        reports, scored_anew, usd_in_layers = [], 0, 0.0
+        try:
+            # Layer by layer: one layer's records and results in memory, validated and written
+            # before the next layer is read (a whole model's records would not fit).
+            for layer in layers:
+                active = [(s, scorer) for s, scorer in scorers if select_subset(s.layers, [layer])]
+                if not active:
+                    continue
+                records = load_neuron_records(lake, layer)
+                frames = []
+                for scorer_settings, scorer in active:
+                    judged = [e for e in explainer_ids if scorer_settings.explanations == "all" or not is_baseline_id(e)]
+                    explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": judged})
+                    wanted = select_neurons(scorer_settings.neurons, sorted(records), lake, layer, settings)
+                    existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
+                    frame, new = score_layer(
+                        scorer,
+                        scorer_settings,
+                        explanations.filter(pl.col("neuron").is_in(wanted)),
+                        records,
+                        explainers,
+                        settings.records,
+                        existing,
+                    )
+                    context.log.info(f"layer {layer} {scorer.scorer_id}: {frame.height} explanations, {new} scored anew")
+                    frames.append(frame)
+                    scored_anew += new
+                del records
+                layer_rows = pl.concat(frames)
+                if layer_rows.is_empty():
+                    continue
+                reports.append(check_rows("scorer_results", layer_rows, params, skip_empty=True))
+                # The layer's rows under the configured explainers and scorers are replaced; other
+                # layers, and earlier explainer or scorer ids, stay queryable.
+                write_table(
+                    lake, "scorer_results", layer_rows,
+                    replace_where={"layer": str(layer), "explainer_id": explainer_ids, "scorer_id": scorer_ids},
+                )  # fmt: skip
+                usd_in_layers += cost_metadata(scorers, layer_rows, id_attr="scorer_id").get("usd_in_layers", 0.0)
+        except QualityGateFailed as failed:
+            yield failed.result
+            raise failed.failure from None
+        metadata = {"scored_anew": scored_anew}
+        if reports:
+            # The run's rows, read back with the columns the metadata needs only.
+            written = read_table(
+                lake, "scorer_results",
+                where={"layer": [str(layer) for layer in layers], "explainer_id": explainer_ids, "scorer_id": scorer_ids},
+                columns=["layer", "neuron", "explainer_id", "scorer_id", "method", "score", "failed_groups",
+                         "prompt_tokens", "completion_tokens"],
+            )  # fmt: skip
+            metadata["rows"] = written.height
+            checks = [check_result(combine_reports("scorer_results", reports)), upstream]
+            by_method = written.group_by("method").agg(
                 pl.col("score").mean().alias("mean"), pl.col("score").is_null().sum().alias("null")
             )
             for row in by_method.iter_rows(named=True):
                 metadata[f"mean_{row['method']}_score"] = None if row["mean"] is None else round(row["mean"], 4)
                 metadata[f"null_{row['method']}_scores"] = int(row["null"])
-            metadata["failed_groups"] = int(combined["failed_groups"].sum() or 0)
-            metadata["prompt_tokens"] = int(combined["prompt_tokens"].sum() or 0)
-            metadata["completion_tokens"] = int(combined["completion_tokens"].sum() or 0)
-            metadata.update(cost_metadata(llm.scorers(), combined, id_attr="scorer_id"))
-            publish_layers(context, "scorer_results", combined)
+            metadata["failed_groups"] = int(written["failed_groups"].sum() or 0)
+            metadata["prompt_tokens"] = int(written["prompt_tokens"].sum() or 0)
+            metadata["completion_tokens"] = int(written["completion_tokens"].sum() or 0)
+            metadata.update(cost_metadata(scorers))
+            metadata["usd_in_layers"] = round(usd_in_layers, 6)
+            publish_layers(context, "scorer_results", written)
         else:
+            metadata["rows"] = 0
             checks = [
                 dg.AssetCheckResult(asset_key="scorer_results", check_name="great_expectations", passed=True,
                                     metadata={"summary": "no scorer configured for these layers: nothing written"}),
