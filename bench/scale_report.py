@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from bench.common import REPO, fmt_bytes, machine_info
@@ -20,6 +22,10 @@ BEGIN = "<!-- scale:begin (python -m bench.scale_report) -->"
 END = "<!-- scale:end -->"
 SCALE_DIR = Path("/tmp/np-scale-bench")
 STAGES_DIR = Path("/tmp/np-stages-bench")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _extrapolation(results: dict) -> list[str]:
@@ -58,9 +64,14 @@ def _extrapolation(results: dict) -> list[str]:
 def render(results: dict, stages: dict | None) -> str:
     info = machine_info(1)
     out = [BEGIN, "## A whole model on one machine\n"]
+    load_file = SCALE_DIR / "load.json"
+    load = json.loads(load_file.read_text()) if load_file.is_file() else {}
+    when = f"run {load['started']} to {load.get('ended', '?')} UTC, " if load else ""
+    loads = (f"load average (1/5/15 min) {load['start']} at start, {load.get('end', '?')} at end: other work shares "
+             "these 2 cores, so wall times are pessimistic; memory figures are the process's own") if load else ""
     out.append(
-        f"_Machine: {info['cpu']}, {info['cores']} cores, {info['ram']}; shared with other work (load average "
-        "above 10 during these runs), so wall times are pessimistic. Command: `python -m bench.scale_report --run`._\n"
+        f"_Machine: {info['cpu']}, {info['cores']} cores, {info['ram']}" + (f"; {when}{loads}" if load else "") + ". "
+        "Command: `python -m bench.scale_report --run`._\n"
     )
     if results:
         from bench.scale_bench import table
@@ -70,6 +81,12 @@ def render(results: dict, stages: dict | None) -> str:
             "CLI process sampled every 0.25 s, split by the Dagster step windows (peak per stage):\n"
         )
         out.append(table(results) + "\n")
+        out.append(
+            "- The runs set `scorers: []`: the embedding scorer (on by default) embeds about 19 short texts per "
+            "explanation with all-MiniLM-L6-v2, about 3 s per 32 neurons on these 2 cores in `make demo`'s run, so "
+            "about an hour more for 46,080 neurons (a GPU job at that size; `scorers: [{method: embedding, layers: ...}]` "
+            "limits it). Explanation embeddings (one text per explanation, for search) are in."
+        )
         smol = {k: v for k, v in results.items() if k.startswith("smollm2")}
         if len(smol) >= 2:
             (a, ra), (b, rb) = sorted(smol.items(), key=lambda kv: kv[1]["peak_rss"])[:2]
@@ -115,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.scale_bench import main as scale_main
         from bench.stages_bench import run_stages
 
+        SCALE_DIR.mkdir(parents=True, exist_ok=True)
+        load = {"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "start": _load()}
+        (SCALE_DIR / "load.json").write_text(json.dumps(load))
         scale_main(["smollm2:0-29", "smollm2:0-9", "--out", str(SCALE_DIR)])
         gpt2_xl_model(SCALE_DIR / "gpt2-xl-random", layers=4)
         scale_main(["gpt2xl:0-3:256", "--out", str(SCALE_DIR)])
@@ -123,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         (STAGES_DIR / "section.json").write_text(
             json.dumps({"rows": [r.__dict__ for r in section.rows], "tables": section.tables, "notes": section.notes, "data": section.data})
         )
+        load.update(ended=time.strftime("%H:%M", time.gmtime()), end=_load())
+        (SCALE_DIR / "load.json").write_text(json.dumps(load))
     results_path, stages_path = SCALE_DIR / "results.json", STAGES_DIR / "section.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     stages = json.loads(stages_path.read_text()) if stages_path.is_file() else None
