@@ -52,6 +52,7 @@ dev: fetch
 
 # Benchmarks: writes BENCHMARKS.md in under 25 minutes on 2 CPU cores (`$(BIN)/python -m bench.run --quick` is a smoke test).
 bench: fetch
+	$(BIN)/neuron-pipeline fetch --model $(DEMO_LLM)
 	$(BIN)/python -m bench.run
 
 # Whole-model runs and stage-level API utilization (about an hour): BENCHMARKS.md's "A whole model" section.

@@ -39,8 +39,8 @@ SECTIONS = {
 ORDER = ["capture", "layers", "simulator", "lake", "api", "outputs", "vllm", "e2e", "gpu", "scorers"]
 # Sizes of the scorers section (bench/scorer_bench.py): the demo's LLM neurons.
 SCORER_SIZES = {
-    "full": {"sequences": 400, "layers": "0,15,29", "neurons": "0-31", "llm_neurons": "0"},
-    "quick": {"sequences": 48, "layers": "0", "neurons": "0-3", "llm_neurons": "0"},
+    "full": {"sequences": 400, "layers": "0,15,29", "neurons": "0-31", "llm_neurons": "0", "llm": "qwen2.5-coder-1.5b-instruct"},
+    "quick": {"sequences": 48, "layers": "0", "neurons": "0-3", "llm_neurons": "0", "llm": "smollm2-135m-instruct"},
 }
 
 FULL = {

@@ -1,8 +1,8 @@
 """Scorers: what detection, fuzzing and embedding scoring cost next to the simulator, and how often
 the scorers agree on which of two explanations of a neuron is better.
 
-The pipeline runs through the CLI (`neuron-pipeline run`) on the demo profile's LLM neurons
-(neuron 0 of layers 0, 15, 29) with three explainers (baseline, plain LLM, contrastive LLM), the
+The pipeline runs through the CLI (`neuron-pipeline run`) on neuron 0 of layers 0, 15 and 29 with
+the demo's LLM (Qwen2.5-Coder-1.5B-Instruct; SmolLM2-135M in the quick run) and three explainers (baseline, plain LLM, contrastive LLM), the
 baseline and the local LLM simulator, and the default scorers (embedding everywhere; detection and
 fuzzing with the simulator's model). Every figure is read back from the lake.
 """
@@ -26,13 +26,16 @@ neurons: "{neurons}"
 explainers:
   - backend: baseline
   - backend: local
+    model: {llm}
     neurons: "{llm_neurons}"
   - backend: local
+    model: {llm}
     contrastive: true
     neurons: "{llm_neurons}"
 simulators:
   - backend: baseline
   - backend: local
+    model: {llm}
     neurons: "{llm_neurons}"
 """
 
@@ -119,14 +122,16 @@ def own_vs_decoy(lake: Path) -> tuple[int, int, float, int]:
     return won, compared, seconds, texts
 
 
-def run_scorers(section: Section, work: Path, sequences: int, layers: str, neurons: str, llm_neurons: str, threads: int) -> None:
+def run_scorers(
+    section: Section, work: Path, sequences: int, layers: str, neurons: str, llm_neurons: str, threads: int, llm: str
+) -> None:
     import polars as pl
 
     from neuron_pipeline.lake import read_table
 
     work.mkdir(parents=True, exist_ok=True)
     config = work / "scorers.yaml"
-    config.write_text(CONFIG.format(sequences=sequences, layers=layers, neurons=neurons, llm_neurons=llm_neurons))
+    config.write_text(CONFIG.format(sequences=sequences, layers=layers, neurons=neurons, llm_neurons=llm_neurons, llm=llm))
     lake = work / "lake"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env.pop("DAGSTER_HOME", None)
@@ -138,7 +143,7 @@ def run_scorers(section: Section, work: Path, sequences: int, layers: str, neuro
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"neuron-pipeline run failed ({done.returncode}): {(done.stderr or done.stdout)[-600:]}")
-    section.add("pipeline run through the CLI", f"{wall:.0f} s", note=f"layers {layers}, neurons {neurons}, LLM on neurons {llm_neurons}; SmolLM2-135M local")
+    section.add("pipeline run through the CLI", f"{wall:.0f} s", note=f"layers {layers}, neurons {neurons}, LLM on neurons {llm_neurons}; {llm} local")
 
     results = read_table(lake, "scorer_results")
     simulations = read_table(lake, "simulations")
