@@ -186,6 +186,45 @@ def render(sections: list[Section], info: dict, args, started: datetime, wall: f
     return "\n".join(out).rstrip() + "\n" + _kept_scale_block()
 
 
+def _section_block(text: str, title: str) -> tuple[int, int] | None:
+    """Where section ``title``'s block starts and ends in a report (up to the next section)."""
+    from bench.scale_report import BEGIN
+
+    head = f"## {title}\n"
+    if head not in text:
+        return None
+    start = text.index(head)
+    next_head, scale = text.find("\n## ", start + len(head)), text.find(BEGIN, start)
+    ends = ([next_head + 1] if next_head != -1 else []) + ([scale] if scale != -1 else [])
+    return start, min(ends, default=len(text))
+
+
+def merge_sections(existing: str, report: str, sections: list[Section], run_line: str) -> str:
+    """``--only``: the sections just measured replace their own blocks (and target rows) in the
+    existing BENCHMARKS.md, each saying it was measured in its own run; the rest is kept."""
+    for section in sections:
+        found = _section_block(report, section.title)
+        if found is None:
+            continue
+        block = report[found[0] : found[1]].replace("_Section time:", f"_Measured in its own run, {run_line}. Section time:", 1)
+        old = _section_block(existing, section.title)
+        if old is not None:
+            existing = existing[: old[0]] + block + existing[old[1] :]
+        else:
+            from bench.scale_report import BEGIN
+
+            cut = existing.find(BEGIN) if BEGIN in existing else len(existing)
+            existing = existing[:cut] + block + "\n" + existing[cut:]
+        short = section.title.split(" ", 1)[0]
+        rows = [line for line in report.splitlines() if line.startswith(f"| {short} |")]
+        lines = existing.splitlines()
+        kept = [i for i, line in enumerate(lines) if line.startswith(f"| {short} |")]
+        if kept:
+            lines[kept[0] : kept[-1] + 1] = rows
+        existing = "\n".join(lines) + "\n"
+    return existing
+
+
 def _kept_scale_block() -> str:
     """The whole-model section (``python -m bench.scale_report``: runs of 10+ minutes each, too long
     for this bench's budget) is carried over from the existing BENCHMARKS.md unchanged."""
@@ -308,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"> **Partial report: run {state}**; sections finished: {done}.\n\n## Machine and run\n",
                 1,
             )
+        if args.only and not args.quick and out_path.is_file():
+            run_line = (
+                f"`{' '.join(['python -m bench.run', *sys.argv[1:]])}` ({info['cpu']}, {info['cores']} cores, "
+                f"{started.strftime('%Y-%m-%d %H:%M UTC')}, {wall / 60:.1f} min, load average {load_start} / "
+                f"{load_average()} at start / end)"
+            )
+            report = merge_sections(out_path.read_text(), report, sections, run_line)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         partial = out_path.with_name(out_path.name + ".partial")
         partial.write_text(report)

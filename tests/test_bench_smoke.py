@@ -118,3 +118,22 @@ def test_vllm_section_without_vllm_says_why(monkeypatch):
     run_vllm(section)
     assert section.error is None and not section.rows
     assert "NEURON_PIPELINE_VLLM_PYTHON" in section.notes[0]
+
+
+def test_only_replaces_its_own_sections_and_target_rows():
+    """`python -m bench.run --only X` rewrites section X and its target rows in the existing
+    BENCHMARKS.md and keeps every other section and the whole-model block."""
+    from bench.common import Section
+    from bench.run import merge_sections
+    from bench.scale_report import BEGIN, END
+
+    existing = (
+        "# Benchmarks\n\n## Targets\n\n| 1. | capture | 0.9 | >= 0.9 | met |\n| 2. | old | 1 | 2 | met |\n\n"
+        "## 1. Capture\n\nold capture\n\n## 2. Layers\n\nold layers\n\n" + BEGIN + "\nwhole model\n" + END + "\n"
+    )
+    report = "# Benchmarks\n\n## Targets\n\n| 2. | new | 3 | 2 | **missed** |\n\n## 2. Layers\n\n_Section time: 5 s._\n\nnew layers\n\n"
+    merged = merge_sections(existing, report, [Section("layers", "2. Layers")], "`cmd`")
+    assert "old capture" in merged and "| 1. | capture |" in merged and "whole model" in merged
+    assert "old layers" not in merged and "new layers" in merged and "_Measured in its own run, `cmd`. Section time: 5 s._" in merged
+    assert "| 2. | new | 3 | 2 | **missed** |" in merged and "| 2. | old |" not in merged
+    assert merged.index("## 2. Layers") < merged.index(BEGIN)
