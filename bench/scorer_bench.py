@@ -158,7 +158,8 @@ def run_scorers(
     ]
     if per_explanation.height:
         lines.append(
-            f"| simulator (local all-at-once, LLM) | {per_explanation.height} | {per_explanation['excerpts'].mean():.1f} excerpt passes "
+            f"| simulator (local {llm_sims['simulator_id'][0].split('-')[0]}, LLM) | {per_explanation.height} | "
+            f"{per_explanation['excerpts'].mean():.1f} excerpts "
             f"| {per_explanation['prompt'].mean():,.0f} | {per_explanation['completion'].mean():,.0f} | "
             f"{per_explanation['excerpts'].mean():.0f} excerpts simulated | – | – |"
         )
