@@ -161,11 +161,14 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 if not active:
                     continue
                 records = load_neuron_records(lake, layer)
-                frames = []
+                frames, wanted_by_spec = [], {}
                 for scorer_settings, scorer in active:
                     judged = [e for e in explainer_ids if scorer_settings.explanations == "all" or not is_baseline_id(e)]
                     explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": judged})
-                    wanted = select_neurons(scorer_settings.neurons, sorted(records), lake, layer, settings)
+                    spec = scorer_settings.neurons  # scorers derived from one entry share it: selected once
+                    if spec not in wanted_by_spec:
+                        wanted_by_spec[spec] = select_neurons(spec, sorted(records), lake, layer, settings)
+                    wanted = wanted_by_spec[spec]
                     existing = read_table(lake, "scorer_results", where={"layer": str(layer), "scorer_id": scorer.scorer_id})
                     frame, new = score_layer(
                         scorer,
