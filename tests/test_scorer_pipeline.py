@@ -117,7 +117,9 @@ def test_scorers_in_the_lake_side_by_side_with_simulation(tmp_path, server):
 
     detection_id = results.filter(pl.col("method") == "detection")["scorer_id"][0]
     build_viewer(lake, tmp_path / "viewer")
-    neuron_page = (tmp_path / "viewer" / "layer_0" / "neuron_0.html").read_text()
+    from neuron_pipeline.viewer.build import read_neuron
+
+    neuron_page = read_neuron(tmp_path / "viewer", "0", 0)["html"]
     assert detection_id in neuron_page and "embedding" in neuron_page and "bal. acc." in neuron_page
     layer_page = (tmp_path / "viewer" / "layer_0" / "index.html").read_text()
     assert "Detection, fuzzing and embedding scores" in layer_page and "mean simulation score" in layer_page

@@ -18,6 +18,7 @@ from neuron_pipeline.cli import main
 from neuron_pipeline.definitions import build_definitions
 from neuron_pipeline.lake import read_table, write_table
 from neuron_pipeline.lake.search import SearchError, nearest_neighbours, search
+from neuron_pipeline.viewer.build import read_neuron
 from neuron_pipeline.viewer import build_viewer
 
 from conftest import small_settings
@@ -117,11 +118,11 @@ def test_a_lake_without_embeddings_says_what_to_run(small_lake, tmp_path, capsys
 
 def test_viewer_lists_similar_neurons_and_output_tokens(planted, tmp_path):
     build_viewer(planted["lake"], tmp_path / "viewer")
-    page = (tmp_path / "viewer" / "layer_1" / "neuron_5.html").read_text()
+    page = read_neuron(tmp_path / "viewer", "1", 5)["html"]
     similar = page.split('id="similar"', 1)[1].split("</section>", 1)[0]
     first_link = similar.split('<a href="', 1)[1].split('"', 1)[0]
-    assert first_link == "../layer_0/neuron_2.html"  # the other planted neuron, across layers
-    assert (tmp_path / "viewer" / "layer_0" / "neuron_2.html").is_file()
+    assert first_link == "../layer_0/neuron.html#2"  # the other planted neuron, across layers
+    assert read_neuron(tmp_path / "viewer", "0", 2) is not None
     assert similar.count("<tr><td><a href=") == 5  # five neighbours per explanation
     outputs = read_table(planted["lake"], "neuron_output_tokens", where={"layer": "1", "neuron": 5}).row(0, named=True)
     section = page.split('id="output-tokens"', 1)[1].split("</section>", 1)[0]
@@ -138,3 +139,15 @@ def test_nearest_neighbours_exclude_the_same_neuron_and_rank_by_similarity():
     assert indices[0].tolist() == [1, 2, -1]  # not itself, not row 3 of the same neuron
     assert indices[1].tolist() == [3, 0, 2]
     assert np.all(np.diff(similarities[1]) <= 0) and np.isnan(similarities[0, 2])
+
+
+def test_nearest_neighbours_of_some_queries_among_allowed_rows():
+    vectors = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.95, 0.05]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    groups = np.arange(4)
+    # Only row 0's neighbours, and row 3 (another explainer, say) is not a candidate.
+    allowed = np.array([True, True, True, False])
+    indices, similarities = nearest_neighbours(vectors, groups, k=2, queries=np.array([0]), allowed=allowed)
+    assert indices.tolist() == [[1, 2]]
+    full, _ = nearest_neighbours(vectors, groups, k=2)
+    assert full[0].tolist() == [3, 1]  # allowed changes the answer: the test can fail

@@ -25,6 +25,7 @@ import pytest
 from neuron_pipeline.cli import EXIT_USER_ERROR, main
 from neuron_pipeline.lake import read_table, write_table
 from neuron_pipeline.viewer import build_viewer, default_viewer_dir
+from neuron_pipeline.viewer.build import read_neuron
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -154,12 +155,20 @@ def test_builds_index_layer_and_neuron_pages(small_lake, small_viewer):
     records = read_table(small_lake, "activation_records")
     layers = sorted(records["layer"].unique().to_list(), key=int)
     neurons = records.select("layer", "neuron").unique().height
-    assert (small_viewer.layers, small_viewer.neurons, small_viewer.pages) == (len(layers), neurons, 1 + len(layers) + neurons)
+    assert (small_viewer.layers, small_viewer.neurons, small_viewer.pages) == (len(layers), neurons, 1 + 2 * len(layers))
     assert small_viewer.index == small_viewer.out_dir / "index.html"
     for layer in layers:
-        assert (small_viewer.out_dir / f"layer_{layer}" / "index.html").is_file()
-        for neuron in records.filter(pl.col("layer") == layer)["neuron"].unique():
-            assert (small_viewer.out_dir / f"layer_{layer}" / f"neuron_{neuron}.html").is_file()
+        folder = small_viewer.out_dir / f"layer_{layer}"
+        assert (folder / "index.html").is_file() and (folder / "neuron.html").is_file()
+        layer_neurons = records.filter(pl.col("layer") == layer)["neuron"].unique().to_list()
+        # One data file per 64 neurons, not one page per neuron.
+        assert sorted(p.name for p in folder.glob("neurons_*.js")) == sorted(
+            {f"neurons_{n // 64:05d}.js" for n in layer_neurons})
+        for neuron in layer_neurons:
+            entry = read_neuron(small_viewer.out_dir, layer, neuron)
+            assert entry["data"]["neuron"] == neuron and f"neuron {neuron}" in entry["title"]
+        assert read_neuron(small_viewer.out_dir, layer, 10_000) is None
+    assert small_viewer.data_files == sum(1 for _ in small_viewer.out_dir.glob("layer_*/neurons_*.js"))
     assert (small_viewer.out_dir / "static" / "viewer.js").is_file()
     assert (small_viewer.out_dir / "static" / "viewer.css").is_file()
 
@@ -198,8 +207,8 @@ def test_neuron_page_embeds_every_excerpt_and_simulation(small_lake, small_viewe
     where = {"layer": "0", "neuron": 3}
     records = read_table(small_lake, "activation_records", where=where)
     sims = read_table(small_lake, "simulations", where=where)
-    doc = _parse(small_viewer.out_dir / "layer_0" / "neuron_3.html")
-    data = doc.data
+    entry = read_neuron(small_viewer.out_dir, "0", 3)
+    doc, data = _Doc(entry["html"]), entry["data"]
     for kind in ("top", "quantile", "random"):
         expected = records.filter(pl.col("kind") == kind).sort("rank")
         shown = data["records"][kind]
@@ -214,9 +223,10 @@ def test_neuron_page_embeds_every_excerpt_and_simulation(small_lake, small_viewe
 
 def test_hostile_text_is_escaped_everywhere(hostile_viewer):
     pages = [hostile_viewer.index, *sorted(hostile_viewer.out_dir.glob("layer_*/*.html"))]
-    assert len(pages) == 1 + 1 + 2
-    for page in pages:
-        raw = page.read_text(encoding="utf-8")
+    assert len(pages) == 1 + 1 + 1
+    bodies = [read_neuron(hostile_viewer.out_dir, "0", n)["html"] for n in (0, 1)]
+    for page in [*pages, *bodies]:
+        raw = page if isinstance(page, str) else page.read_text(encoding="utf-8")
         doc = _Doc(raw)
         # Only our own elements: no injected <script>, <img> or event handler attributes.
         scripts = doc.all("script")
@@ -234,9 +244,13 @@ def test_hostile_text_is_escaped_everywhere(hostile_viewer):
         if doc.data_blocks:
             decoded = json.dumps(doc.data, ensure_ascii=False)
             assert "window.__pwned=1" in decoded
-    neuron = _Doc((hostile_viewer.out_dir / "layer_0" / "neuron_0.html").read_text(encoding="utf-8"))
-    assert neuron.data["records"]["top"][0]["t"][:3] == [XSS_SCRIPT, XSS_IMG, "\n"]
-    assert f"fires on {XSS_SCRIPT}" in " ".join(neuron.text)  # shown literally once unescaped by the parser
+    entry = read_neuron(hostile_viewer.out_dir, "0", 0)
+    assert entry["data"]["records"]["top"][0]["t"][:3] == [XSS_SCRIPT, XSS_IMG, "\n"]
+    assert f"fires on {XSS_SCRIPT}" in " ".join(_Doc(entry["html"]).text)  # shown literally once unescaped by the parser
+    # The data file is JavaScript: a single call whose JSON argument cannot end the script early.
+    chunk = (hostile_viewer.out_dir / "layer_0" / "neurons_00000.js").read_text(encoding="utf-8")
+    assert chunk.startswith("neuronViewerChunk({") and chunk.endswith("});\n")
+    assert "<" not in chunk and ">" not in chunk and "\u2028" not in chunk
 
 
 def test_missing_tables_are_left_out_not_fatal(tmp_path):
@@ -249,13 +263,14 @@ def test_missing_tables_are_left_out_not_fatal(tmp_path):
     assert (summary.layers, summary.neurons) == (1, 1)
     index = _parse(summary.index)
     assert "explanations" in " ".join(index.text)  # listed as not in the lake yet
-    neuron = _parse(summary.out_dir / "layer_2" / "neuron_5.html")
+    entry = read_neuron(summary.out_dir, "2", 5)
+    neuron = _Doc(entry["html"])
     assert "No explanation yet." in " ".join(neuron.text)
     assert not any(s.get("id") == "scored" for s in neuron.all("section"))
-    assert neuron.data["records"]["top"][0]["t"] == ["a", "b"]
+    assert entry["data"]["records"]["top"][0]["t"] == ["a", "b"]
 
     empty = build_viewer(tmp_path / "empty-lake", tmp_path / "viewer-empty")
-    assert (empty.layers, empty.neurons, empty.pages) == (0, 0, 1)
+    assert (empty.layers, empty.neurons, empty.pages, empty.data_files) == (0, 0, 1, 0)
     assert "no layers yet" in " ".join(_parse(empty.index).text)
 
 
@@ -266,14 +281,17 @@ def test_rebuild_removes_pages_of_neurons_no_longer_in_the_lake(tmp_path):
         return [dict(model="m", layer="0", neuron=n, kind="top", rank=0, sequence_id=1, tokens=["a"],
                      activations=[1.0], max_activation=1.0) for n in neurons]
 
-    write_table(lake, "activation_records", records([0, 1, 2]))
+    write_table(lake, "activation_records", records([0, 1, 2, 64]))
     out = tmp_path / "viewer"
     build_viewer(lake, out)
+    assert read_neuron(out, "0", 64) is not None
     mine = out / "notes.txt"
     mine.write_text("not ours")
+    (out / "layer_0" / "neuron_7.html").write_text("a page of the one-page-per-neuron viewer")
     write_table(lake, "activation_records", records([0, 1]))
     build_viewer(lake, out)
-    assert sorted(p.name for p in (out / "layer_0").iterdir()) == ["index.html", "neuron_0.html", "neuron_1.html"]
+    assert sorted(p.name for p in (out / "layer_0").iterdir()) == ["index.html", "neuron.html", "neurons_00000.js"]
+    assert read_neuron(out, "0", 2) is None and read_neuron(out, "0", 1) is not None
     assert mine.exists()
 
 
@@ -492,8 +510,16 @@ def page(browser):
     browser.call("Target.closeTarget", targetId=page.target)
 
 
-def _url(path: Path) -> str:
-    return path.resolve().as_uri()
+def _url(path: Path | str) -> str:
+    """A file URL; a ``#fragment`` after the path is kept (the neuron page's neuron)."""
+    path, _, fragment = str(path).partition("#")
+    return Path(path).resolve().as_uri() + (f"#{fragment}" if fragment else "")
+
+
+def _open_neuron(page: Page, viewer: Path, layer: str, neuron: int) -> None:
+    """Open ``neuron.html#<neuron>`` as a fresh load (a bare fragment change fires no load event)."""
+    page.goto("about:blank")
+    page.goto(_url(viewer / f"layer_{layer}" / "neuron.html") + f"#{neuron}")
 
 
 def _assert_clean(page: Page) -> None:
@@ -560,8 +586,9 @@ def test_neuron_page_shades_every_token_and_shows_simulations(page, small_lake, 
     where = {"layer": "0", "neuron": 3}
     records = read_table(small_lake, "activation_records", where=where)
     sims = read_table(small_lake, "simulations", where=where)
-    page.goto(_url(small_viewer.out_dir / "layer_0" / "neuron_3.html"))
+    _open_neuron(page, small_viewer.out_dir, "0", 3)
     _assert_clean(page)
+    assert page.eval("document.title").startswith("Layer 0 neuron 3")
     for kind in ("top", "quantile", "random"):
         n = records.filter(pl.col("kind") == kind).height
         assert page.eval(f"document.querySelectorAll('.excerpts[data-kind={kind}] .excerpt').length") == n
@@ -588,6 +615,29 @@ def test_neuron_page_shades_every_token_and_shows_simulations(page, small_lake, 
     assert page.eval("document.body.innerText.includes('\\n\\n\\n\\n')") is False
 
 
+def test_neuron_page_moves_between_neurons_and_says_when_one_is_missing(page, small_lake, small_viewer):
+    neurons = sorted(read_table(small_lake, "activation_records", where={"layer": "0"})["neuron"].unique().to_list())
+    first, second = neurons[0], neurons[1]
+    page.goto(_url(small_viewer.out_dir / "layer_0" / "index.html"))
+    href = page.eval("document.querySelector('#neurons tbody a').getAttribute('href')")
+    assert href == f"neuron.html#{first}"
+    _open_neuron(page, small_viewer.out_dir, "0", first)
+    assert page.eval("document.querySelector('h1').textContent") == f"Layer 0 · neuron {first}"
+    # The next-neuron link and the right arrow key change only the fragment: same page, new neuron.
+    page.eval("document.querySelector('.prevnext a[rel=next]').click()")
+    page.browser.pump(0.3)
+    assert page.eval("document.querySelector('h1').textContent") == f"Layer 0 · neuron {second}"
+    assert page.eval("document.querySelectorAll('.excerpts[data-kind=top] .excerpt').length") > 0
+    page.eval("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowLeft'}))")
+    page.browser.pump(0.3)
+    assert page.eval("document.title").startswith(f"Layer 0 neuron {first}")
+    _open_neuron(page, small_viewer.out_dir, "0", 64 * 1000)
+    assert "is not in this layer's data" in page.eval("document.querySelector('main').textContent")
+    page.goto("about:blank")
+    page.goto(_url(small_viewer.out_dir / "layer_0" / "neuron.html"))
+    assert "No neuron named" in page.eval("document.querySelector('main').textContent")
+
+
 def test_hostile_lake_runs_no_script_and_shows_text_literally(page, hostile_viewer):
     paths = [hostile_viewer.index, *sorted(hostile_viewer.out_dir.glob("layer_*/*.html"))]
     for path in paths:
@@ -595,7 +645,13 @@ def test_hostile_lake_runs_no_script_and_shows_text_literally(page, hostile_view
         assert page.eval("typeof window.__pwned") == "undefined", path
         assert page.eval("document.querySelectorAll('img').length") == 0
         _assert_clean(page)
-    page.goto(_url(hostile_viewer.out_dir / "layer_0" / "neuron_0.html"))
+    for neuron in (0, 1):
+        _open_neuron(page, hostile_viewer.out_dir, "0", neuron)
+        assert page.eval("document.querySelectorAll('.excerpt').length") > 0
+        assert page.eval("typeof window.__pwned") == "undefined"
+        assert page.eval("document.querySelectorAll('img').length") == 0
+        _assert_clean(page)
+    _open_neuron(page, hostile_viewer.out_dir, "0", 0)
     tokens = page.eval("[...document.querySelectorAll('.excerpts[data-kind=top] .excerpt:first-child .tok')].map(s => s.textContent)")
     assert tokens[:4] == [XSS_SCRIPT, XSS_IMG, "\u21b5", "\u2028"]
     assert tokens[8] == "\u21e5" and tokens[9] == "\u2205"  # tab and empty token made visible
@@ -652,7 +708,7 @@ def test_screenshots_of_index_layer_and_neuron_pages(browser, small_viewer):
     shots = {
         "viewer-index.png": small_viewer.index,
         "viewer-layer.png": small_viewer.out_dir / "layer_0" / "index.html",
-        "viewer-neuron.png": small_viewer.out_dir / "layer_0" / "neuron_3.html",
+        "viewer-neuron.png": str(small_viewer.out_dir / "layer_0" / "neuron.html") + "#3",
     }
     for name, path in shots.items():
         for width, suffix in ((1280, ""), (390, "-phone")):

@@ -12,8 +12,8 @@ from neuron_pipeline.viewer import build_viewer, default_viewer_dir
     kinds={"html"},
     owners=["team:interpretability"],
     description="Static HTML viewer (no server, no network): index with score distributions and score by layer, "
-    "a sortable / filterable table per layer, and one page per neuron with its explanations, scores and "
-    "excerpts shaded by real and simulated activation. Written to a `viewer` folder next to the lake "
+    "a sortable / filterable table per layer, and one neuron page per layer (neuron.html#<n>, data files of 64 "
+    "neurons) with each neuron's explanations, scores and excerpts shaded by real and simulated activation. Written to a `viewer` folder next to the lake "
     "(in the current directory for a lake in object storage).",
     code_version="neuron_viewer-v1",
 )
@@ -28,5 +28,6 @@ def neuron_viewer(context: dg.AssetExecutionContext, pipeline: PipelineSettingsR
             "layers": summary.layers,
             "neurons": summary.neurons,
             "pages": summary.pages,
+            "data_files": summary.data_files,
         }
     )

@@ -208,20 +208,29 @@ def _with_text_and_scores(lake: LakeLike, hits: pl.DataFrame) -> pl.DataFrame:
 NEIGHBOUR_BLOCK_CELLS = 64 * 1024 * 1024
 
 
-def nearest_neighbours(vectors: np.ndarray, groups: np.ndarray, k: int = 5, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the ``k`` most similar other rows that are not in its group (its neuron), as
-    (indices [n, k], similarities [n, k]); -1 / nan where there are fewer candidates. Rows go in
-    chunks sized so a chunk's similarities to all rows stay near 256 MB (307,200 rows: 218 a chunk)."""
+def nearest_neighbours(
+    vectors: np.ndarray, groups: np.ndarray, k: int = 5, chunk: int | None = None, queries: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row (default: every row), the ``k`` most similar other rows that are not in
+    its group (its neuron) and are ``allowed`` (a boolean mask over rows; default all), as (indices [q, k], similarities [q, k]); -1 / nan where there are fewer
+    candidates. Queries go in chunks sized so a chunk's similarities to all rows stay near 256 MB
+    (307,200 rows: 218 a chunk)."""
     n = vectors.shape[0]
+    queries = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    q = queries.shape[0]
     chunk = chunk or max(1, NEIGHBOUR_BLOCK_CELLS // max(n, 1))
-    indices = np.full((n, k), -1, dtype=np.int64)
-    similarities = np.full((n, k), np.nan, dtype=np.float32)
+    indices = np.full((q, k), -1, dtype=np.int64)
+    similarities = np.full((q, k), np.nan, dtype=np.float32)
     if n < 2 or k < 1:
         return indices, similarities
-    for start in range(0, n, chunk):
-        block = vectors[start : start + chunk] @ vectors.T  # [c, n]
-        same = groups[start : start + chunk, None] == groups[None, :]
+    for start in range(0, q, chunk):
+        rows = queries[start : start + chunk]
+        block = vectors[rows] @ vectors.T  # [c, n]
+        same = groups[rows, None] == groups[None, :]
         block[same] = -np.inf
+        if allowed is not None:
+            block[:, ~allowed] = -np.inf
         take = min(k, n - 1)
         part = np.argpartition(-block, take - 1, axis=1)[:, :take]
         values = np.take_along_axis(block, part, axis=1)

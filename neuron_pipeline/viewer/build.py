@@ -2,15 +2,21 @@
 
 ``build_viewer(lake, out_dir)`` writes a self-contained site: ``index.html`` (model, layers,
 score distributions, score by layer), ``layer_<k>/index.html`` (a sortable, filterable table
-of the layer's neurons) and ``layer_<k>/neuron_<n>.html`` (explanations, scores, excerpts
-shaded by activation, simulated activations under the real ones). It needs no server and
-makes no network request: CSS and JavaScript are local files under ``static/``.
+of the layer's neurons) and ``layer_<k>/neuron.html#<n>`` (explanations, scores, excerpts
+shaded by activation, simulated activations under the real ones). The neuron page is one file
+per layer: it loads ``layer_<k>/neurons_<c>.js``, the data of 64 neurons, so a GPT-2 XL-sized
+lake is ~5,000 files rather than 307,200 pages. It needs no server and makes no network
+request: CSS, JavaScript and data are local files.
+
+The layers are written one at a time: the records and simulations of one layer are read, and
+Python objects exist for one chunk of neurons at a time.
 
 Tables that are not in the lake yet are skipped: the pages just leave those parts out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +31,7 @@ from neuron_pipeline.lake.io import LakeLike
 from neuron_pipeline.lake.outcomes import failure_report, meaningful_pairs
 from neuron_pipeline.viewer import pages
 from neuron_pipeline.viewer.charts import GOOD_SCORE, PALETTE, LayerStats, Series, histogram_counts
-from neuron_pipeline.viewer.safe import finite
+from neuron_pipeline.viewer.safe import finite, script_json
 
 MARKER = ".neuron-viewer"  # marks a folder as written by build_viewer: stale pages may be removed from it
 BASELINE_COLOR = "#6b7280"
@@ -38,7 +44,8 @@ class ViewerSummary:
     index: Path
     layers: int
     neurons: int
-    pages: int
+    pages: int  # HTML: the index, and per layer its table and its one neuron page
+    data_files: int = 0  # per layer, one per NEURON_CHUNK neurons
 
 
 def default_viewer_dir(lake: LakeLike) -> Path:
@@ -342,166 +349,258 @@ def _scorer_layer_rows(lake: _Lake, layer: str) -> list[dict[str, Any]]:
 SIMILAR_NEURONS = 5
 
 
-def _similar_neurons(lake: _Lake) -> dict[tuple[str, int], dict[str, list[dict[str, Any]]]]:
-    """(layer, neuron) -> explainer id -> the most similar other neurons by explanation embedding
-    (same explainer), precomputed here so the site stays static."""
-    from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, load_embeddings, nearest_neighbours
+class _Similar:
+    """The most similar other neurons by explanation embedding (same explainer, any layer), found
+    one layer at a time: the matrix is memory-mapped and only a layer's neighbours are held."""
 
-    if not table_exists(lake.lake, EMBEDDINGS_TABLE):
-        return {}
-    matrix = load_embeddings(lake.lake)
-    texts = {
-        (layer, int(neuron), explainer_id): text
-        for layer, neuron, explainer_id, text in lake.explanations.select(
-            "layer", "neuron", "explainer_id", "explanation").iter_rows()
-    }
-    out: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
-    keys = matrix.keys.with_row_index("row")
-    for (explainer_id,), group in keys.group_by(["explainer_id"], maintain_order=True):
-        rows = group["row"].to_numpy()
-        layers, neurons = group["layer"].to_list(), group["neuron"].to_list()
-        indices, similarities = nearest_neighbours(matrix.vectors[rows], np.arange(len(rows)), SIMILAR_NEURONS)
-        for i, (layer, neuron) in enumerate(zip(layers, neurons)):
-            listed = [
-                {"layer": layers[j], "neuron": int(neurons[j]), "similarity": float(similarities[i, c]),
-                 "explanation": texts.get((layers[j], int(neurons[j]), explainer_id))}
-                for c, j in enumerate(indices[i]) if j >= 0
-            ]
-            if listed:
-                out.setdefault((layer, int(neuron)), {})[explainer_id] = listed
-    return out
+    def __init__(self, lake: _Lake):
+        from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, load_embeddings
+
+        self.matrix = load_embeddings(lake.lake) if table_exists(lake.lake, EMBEDDINGS_TABLE) else None
+        if self.matrix is None:
+            return
+        self.keys = self.matrix.keys.with_row_index("row").with_columns(pl.col("neuron").cast(pl.Int64))
+        self.texts = lake.explanations.select(
+            "layer", pl.col("neuron").cast(pl.Int64), "explainer_id", "explanation")
+        self.explainer_codes = self.keys["explainer_id"].cast(pl.Categorical).to_physical().to_numpy()
+
+    def of_layer(self, layer: str) -> dict[int, dict[str, list[dict[str, Any]]]]:
+        from neuron_pipeline.lake.search import nearest_neighbours
+
+        if self.matrix is None:
+            return {}
+        queries = self.keys.filter(pl.col("layer") == layer)
+        found = []
+        for (explainer_id,), group in queries.group_by(["explainer_id"], maintain_order=True):
+            rows = group["row"].to_numpy()
+            allowed = self.explainer_codes == self.explainer_codes[rows[0]]
+            indices, similarities = nearest_neighbours(
+                self.matrix.vectors, np.arange(self.keys.height), SIMILAR_NEURONS, queries=rows, allowed=allowed)
+            found.append(pl.DataFrame({
+                "query_neuron": np.repeat(group["neuron"].to_numpy(), SIMILAR_NEURONS),
+                "explainer_id": [explainer_id] * indices.size,
+                "position": np.tile(np.arange(SIMILAR_NEURONS), len(rows)),
+                "row": indices.reshape(-1),
+                "similarity": similarities.reshape(-1),
+            }).filter(pl.col("row") >= 0))
+        if not found:
+            return {}
+        neighbours = (
+            pl.concat(found)
+            .join(self.keys.select("row", "layer", "neuron"), on="row", how="left")
+            .join(self.texts, on=["layer", "neuron", "explainer_id"], how="left")
+            .sort("query_neuron", "explainer_id", "position")
+        )
+        out: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        for row in neighbours.iter_rows(named=True):
+            out.setdefault(int(row["query_neuron"]), {}).setdefault(row["explainer_id"], []).append({
+                "layer": row["layer"], "neuron": int(row["neuron"]), "similarity": float(row["similarity"]),
+                "explanation": row["explanation"],
+            })
+        return out
 
 
-def _neuron_pages(lake: _Lake, layer: str, folder: Path, similar: dict | None = None) -> int:
+class _Sequences:
+    """Tokens of a chunk's excerpts, stored once per corpus sequence: a neuron's records and its
+    simulations show the same sequences, and neighbouring neurons share many."""
+
+    def __init__(self):
+        self.tokens: dict[str, list[str]] = {}
+
+    def item(self, sequence_id: Any, tokens: Iterable[str] | None) -> dict[str, Any]:
+        shown = _tokens(tokens)
+        if sequence_id is None:
+            return {"seq": None, "t": shown}
+        key = str(sequence_id)
+        stored = self.tokens.setdefault(key, shown)
+        # A hand-made lake may reuse an id for other tokens: those records keep their own.
+        return {"seq": sequence_id} if stored == shown else {"seq": sequence_id, "t": shown}
+
+
+def _chunk_of(frame: pl.DataFrame, first: int, last: int) -> pl.DataFrame:
+    return frame.filter(pl.col("neuron").is_between(first, last)) if not frame.is_empty() else frame
+
+
+def _neuron_chunks(lake: _Lake, layer: str, folder: Path, similar: dict | None = None) -> tuple[int, list[Path]]:
+    """Write the layer's neuron data files (``pages.NEURON_CHUNK`` neurons each) and its one neuron
+    page; return (neurons written, files written). Python objects exist for one chunk at a time."""
     neurons = lake.neurons.get(layer, [])
     where = {"layer": layer}
-    records = (_rows_by_neuron(_read(lake.lake, "activation_records", where=where), ["kind", "rank"])
-               if lake.present["activation_records"] else {})
-    simulations = (_rows_by_neuron(meaningful_pairs(_read(lake.lake, "simulations", where=where).filter(
-        pl.col("error").is_null())), ["kind", "rank"])
-                   if lake.present["simulations"] else {})
-    activations = _rows_by_neuron(lake.activations.filter(pl.col("layer") == layer))
-    explanations = _rows_by_neuron(lake.explanations.filter(pl.col("layer") == layer))
-    scores = _rows_by_neuron(lake.scores.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "simulator_id"))
-    modes = _rows_by_neuron(lake.simulation_modes.filter(pl.col("layer") == layer))
-    scorer_rows = _rows_by_neuron(lake.scorer_results.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "method"))
-    output_tokens = _rows_by_neuron(_read(lake.lake, "neuron_output_tokens", where={"layer": layer, "neuron": neurons}))
+    records_frame = (_read(lake.lake, "activation_records", where=where)
+                     if lake.present["activation_records"] else pl.DataFrame())
+    simulations_frame = (meaningful_pairs(_read(lake.lake, "simulations", where=where).filter(pl.col("error").is_null()))
+                         if lake.present["simulations"] else pl.DataFrame())
+    activations_frame = lake.activations.filter(pl.col("layer") == layer)
+    explanations_frame = lake.explanations.filter(pl.col("layer") == layer)
+    scores_frame = lake.scores.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "simulator_id")
+    modes_frame = lake.simulation_modes.filter(pl.col("layer") == layer)
+    scorer_frame = lake.scorer_results.filter(pl.col("layer") == layer).sort("neuron", "explainer_id", "method")
+    output_frame = _read(lake.lake, "neuron_output_tokens", where={"layer": layer, "neuron": neurons})
     similar = similar or {}
     folder.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for position, neuron in enumerate(neurons):
-        neuron_records = records.get(neuron, [])
-        neuron_sims = simulations.get(neuron, [])
-        stats = _neuron_stats((activations.get(neuron) or [None])[0])
+    shell = folder / pages.NEURON_PAGE
+    _write(shell, pages.neuron_shell(lake.models, layer))
+    files = [shell]
+    chunks: dict[int, list[int]] = {}
+    for neuron in neurons:
+        chunks.setdefault(neuron // pages.NEURON_CHUNK, []).append(neuron)
+    previous_of = {n: neurons[i - 1] if i > 0 else None for i, n in enumerate(neurons)}
+    next_of = {n: neurons[i + 1] if i + 1 < len(neurons) else None for i, n in enumerate(neurons)}
+    for chunk, members in chunks.items():
+        first, last = members[0], members[-1]
+        records = _rows_by_neuron(_chunk_of(records_frame, first, last), ["kind", "rank"])
+        simulations = _rows_by_neuron(_chunk_of(simulations_frame, first, last), ["kind", "rank"])
+        activations = _rows_by_neuron(_chunk_of(activations_frame, first, last))
+        explanations = _rows_by_neuron(_chunk_of(explanations_frame, first, last))
+        scores = _rows_by_neuron(_chunk_of(scores_frame, first, last))
+        modes = _rows_by_neuron(_chunk_of(modes_frame, first, last))
+        scorer_rows = _rows_by_neuron(_chunk_of(scorer_frame, first, last))
+        output_tokens = _rows_by_neuron(_chunk_of(output_frame, first, last))
+        sequences = _Sequences()
+        entries = {}
+        for neuron in members:
+            entries[str(neuron)] = _neuron_entry(
+                lake, layer, neuron, previous_of[neuron], next_of[neuron], sequences,
+                records.get(neuron, []), simulations.get(neuron, []), (activations.get(neuron) or [None])[0],
+                explanations.get(neuron, []), scores.get(neuron, []), modes.get(neuron, []),
+                scorer_rows.get(neuron, []), (output_tokens.get(neuron) or [None])[0], similar.get(neuron),
+            )
+        payload = {"layer": layer, "chunk": chunk, "sequences": sequences.tokens, "neurons": entries}
+        path = folder / pages.chunk_file(chunk)
+        # Many files: written in place; the index is written last, atomically.
+        path.write_text(f"{pages.CHUNK_CALLBACK}({script_json(payload)});\n", encoding="utf-8", errors="replace")
+        files.append(path)
+    return len(neurons), files
 
-        # Shade relative to the neuron's maximum over the corpus (or over what is shown).
-        scale = stats["max"] if stats and stats["max"] and stats["max"] > 0 else None
-        if scale is None:
-            candidates = [finite(r["max_activation"]) for r in neuron_records]
-            for sim in neuron_sims:
-                candidates.extend(finite(a) for a in sim["true_activations"] or [] if a is not None)
-            candidates = [c for c in candidates if c is not None]
-            scale = max(candidates) if candidates and max(candidates) > 0 else 1.0
-        decimals = _decimals(scale)
 
-        record_data: dict[str, list[dict[str, Any]]] = {}
-        for row in neuron_records:
-            item = {
-                "rank": row["rank"],
-                "seq": row["sequence_id"],
-                "max": finite(row["max_activation"]),
-                "t": _tokens(row["tokens"]),
-                "a": _values(row["activations"], decimals),
-            }
-            if row["quantile_bin"] is not None:
-                item["bin"] = row["quantile_bin"]
-            record_data.setdefault(str(row["kind"]), []).append(item)
+def _neuron_entry(
+    lake: _Lake, layer: str, neuron: int, previous: int | None, following: int | None, sequences: _Sequences,
+    neuron_records: list[dict], neuron_sims: list[dict], activation_row: dict | None, explanation_rows: list[dict],
+    neuron_scores: list[dict], mode_rows: list[dict], neuron_scorers: list[dict], output_tokens: dict | None,
+    similar: dict | None,
+) -> dict[str, Any]:
+    """One neuron in its chunk: the page body (rendered and escaped here) and the excerpt data the
+    page's script shades."""
+    stats = _neuron_stats(activation_row)
 
-        neuron_scores = scores.get(neuron, [])
-        mode_of = {(r["explainer_id"], r["simulator_id"]): r["mode"] for r in modes.get(neuron, [])}
-        text_of = {r["explainer_id"]: r for r in explanations.get(neuron, [])}
-        score_of = {(r["explainer_id"], r["simulator_id"]): finite(r["score"]) for r in neuron_scores}
+    # Shade relative to the neuron's maximum over the corpus (or over what is shown).
+    scale = stats["max"] if stats and stats["max"] and stats["max"] > 0 else None
+    if scale is None:
+        candidates = [finite(r["max_activation"]) for r in neuron_records]
+        for sim in neuron_sims:
+            candidates.extend(finite(a) for a in sim["true_activations"] or [] if a is not None)
+        candidates = [c for c in candidates if c is not None]
+        scale = max(candidates) if candidates and max(candidates) > 0 else 1.0
+    decimals = _decimals(scale)
 
-        by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for row in neuron_sims:
-            by_pair.setdefault((row["explainer_id"], row["simulator_id"]), []).append({
-                "kind": row["kind"],
-                "rank": row["rank"],
-                "seq": row["sequence_id"],
-                "t": _tokens(row["tokens"]),
-                "a": _values(row["true_activations"], decimals),
-                "s": _values(row["expected_activations"], 3),
-            })
-        sim_data = []
-        for explainer_id, simulator_id in sorted(by_pair, key=lambda p: _pair_key(*p)):
-            explanation = text_of.get(explainer_id)
-            sim_data.append({
-                "explainer": explainer_id,
-                "simulator": simulator_id,
-                "explainerLabel": lake.explainer_label(explainer_id),
-                "simulatorLabel": lake.simulator_label(simulator_id),
-                "mode": mode_of.get((explainer_id, simulator_id)),
-                "score": score_of.get((explainer_id, simulator_id)),
-                "explanation": explanation["explanation"] if explanation else None,
-                "excerpts": by_pair[(explainer_id, simulator_id)],
-            })
+    record_data: dict[str, list[dict[str, Any]]] = {}
+    for row in neuron_records:
+        item = {
+            "rank": row["rank"],
+            **sequences.item(row["sequence_id"], row["tokens"]),
+            "max": finite(row["max_activation"]),
+            "a": _values(row["activations"], decimals),
+        }
+        if row["quantile_bin"] is not None:
+            item["bin"] = row["quantile_bin"]
+        record_data.setdefault(str(row["kind"]), []).append(item)
 
-        cards = []
-        neuron_scorers = scorer_rows.get(neuron, [])
-        explainer_ids = set(text_of) | {r["explainer_id"] for r in neuron_scores}
-        for explainer_id in sorted(explainer_ids, key=lambda e: (pages.is_baseline(e), e)):
-            explanation = text_of.get(explainer_id, {})
-            card_scores = [
-                {**{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()},
-                 "mode": mode_of.get((explainer_id, row["simulator_id"])),
-                 "simulator_label": lake.simulator_label(row["simulator_id"])}
-                for row in sorted((r for r in neuron_scores if r["explainer_id"] == explainer_id),
-                                  key=lambda r: (pages.is_baseline(r["simulator_id"]), r["simulator_id"]))
-            ]
-            cards.append(pages.ExplanationCard(
-                explainer_id=explainer_id,
-                explainer_label=lake.explainer_label(explainer_id),
-                explainer_model=explanation.get("explainer_model") or lake.explainer_models.get(explainer_id),
-                prompt_hash=explanation.get("prompt_hash"),
-                explanation=explanation.get("explanation"),
-                error=explanation.get("error"),
-                created_at=explanation.get("created_at"),
-                scores=card_scores,
-                scorer_scores=[
-                    {k: (finite(v) if isinstance(v, float) else v) for k, v in r.items()}
-                    for r in neuron_scorers if r["explainer_id"] == explainer_id
-                ],
-            ))
+    mode_of = {(r["explainer_id"], r["simulator_id"]): r["mode"] for r in mode_rows}
+    text_of = {r["explainer_id"]: r for r in explanation_rows}
+    score_of = {(r["explainer_id"], r["simulator_id"]): finite(r["score"]) for r in neuron_scores}
 
-        data = {"layer": layer, "neuron": neuron, "scale": scale, "records": record_data, "simulations": sim_data}
-        html = pages.neuron_page(
-            lake.models,
-            layer,
-            neuron,
-            neurons[position - 1] if position > 0 else None,
-            neurons[position + 1] if position + 1 < len(neurons) else None,
-            stats,
-            cards,
-            data,
-            {kind: len(items) for kind, items in record_data.items()},
-            sum(len(pair["excerpts"]) for pair in sim_data),
-            output_tokens=(output_tokens.get(neuron) or [None])[0],
-            similar=similar.get((layer, neuron)),
-        )
-        # Neuron pages are many: written in place; the index is written last, atomically.
-        (folder / pages.neuron_file(neuron)).write_text(html, encoding="utf-8", errors="replace")
-        written += 1
-    return written
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in neuron_sims:
+        by_pair.setdefault((row["explainer_id"], row["simulator_id"]), []).append({
+            "kind": row["kind"],
+            "rank": row["rank"],
+            **sequences.item(row["sequence_id"], row["tokens"]),
+            "a": _values(row["true_activations"], decimals),
+            "s": _values(row["expected_activations"], 3),
+        })
+    sim_data = []
+    for explainer_id, simulator_id in sorted(by_pair, key=lambda p: _pair_key(*p)):
+        explanation = text_of.get(explainer_id)
+        sim_data.append({
+            "explainer": explainer_id,
+            "simulator": simulator_id,
+            "explainerLabel": lake.explainer_label(explainer_id),
+            "simulatorLabel": lake.simulator_label(simulator_id),
+            "mode": mode_of.get((explainer_id, simulator_id)),
+            "score": score_of.get((explainer_id, simulator_id)),
+            "explanation": explanation["explanation"] if explanation else None,
+            "excerpts": by_pair[(explainer_id, simulator_id)],
+        })
+
+    cards = []
+    explainer_ids = set(text_of) | {r["explainer_id"] for r in neuron_scores}
+    for explainer_id in sorted(explainer_ids, key=lambda e: (pages.is_baseline(e), e)):
+        explanation = text_of.get(explainer_id, {})
+        card_scores = [
+            {**{k: (finite(v) if isinstance(v, float) else v) for k, v in row.items()},
+             "mode": mode_of.get((explainer_id, row["simulator_id"])),
+             "simulator_label": lake.simulator_label(row["simulator_id"])}
+            for row in sorted((r for r in neuron_scores if r["explainer_id"] == explainer_id),
+                              key=lambda r: (pages.is_baseline(r["simulator_id"]), r["simulator_id"]))
+        ]
+        cards.append(pages.ExplanationCard(
+            explainer_id=explainer_id,
+            explainer_label=lake.explainer_label(explainer_id),
+            explainer_model=explanation.get("explainer_model") or lake.explainer_models.get(explainer_id),
+            prompt_hash=explanation.get("prompt_hash"),
+            explanation=explanation.get("explanation"),
+            error=explanation.get("error"),
+            created_at=explanation.get("created_at"),
+            scores=card_scores,
+            scorer_scores=[
+                {k: (finite(v) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in neuron_scorers if r["explainer_id"] == explainer_id
+            ],
+        ))
+
+    data = {"layer": layer, "neuron": neuron, "scale": scale, "records": record_data, "simulations": sim_data}
+    html = pages.neuron_body(
+        layer, neuron, previous, following, stats, cards, data,
+        {kind: len(items) for kind, items in record_data.items()},
+        sum(len(pair["excerpts"]) for pair in sim_data),
+        output_tokens=output_tokens,
+        similar=similar,
+    )
+    return {"title": pages.neuron_title(layer, neuron), "html": html, "data": data}
+
+
+def read_neuron(viewer_dir: str | Path, layer: str, neuron: int) -> dict[str, Any] | None:
+    """A neuron as its page shows it (``title``, ``html`` body, excerpt ``data`` with tokens
+    resolved), read back from the viewer's data files; None when it is not there."""
+    path = Path(viewer_dir) / pages.layer_dir(layer) / pages.chunk_file(int(neuron) // pages.NEURON_CHUNK)
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    prefix, suffix = f"{pages.CHUNK_CALLBACK}(", ");\n"
+    if not (text.startswith(prefix) and text.endswith(suffix)):
+        raise ValueError(f"{path} is not a neuron viewer data file")
+    payload = json.loads(text[len(prefix):-len(suffix)])
+    entry = payload["neurons"].get(str(int(neuron)))
+    if entry is None:
+        return None
+    excerpts = [*(r for rs in entry["data"]["records"].values() for r in rs),
+                *(e for pair in entry["data"]["simulations"] for e in pair["excerpts"])]
+    for excerpt in excerpts:
+        if "t" not in excerpt:
+            excerpt["t"] = payload["sequences"][str(excerpt["seq"])]
+    return entry
 
 
 def _remove_stale(out_dir: Path, written: set[Path]) -> None:
-    """Drop pages of layers or neurons that are no longer in the lake (only in our own folder)."""
+    """Drop files of layers or neurons that are no longer in the lake (only in our own folder),
+    and the one-page-per-neuron files of earlier versions."""
     if not (out_dir / MARKER).exists():
         return
     for folder in out_dir.glob("layer_*"):
         if not folder.is_dir():
             continue
-        for path in list(folder.glob("neuron_*.html")) + [folder / "index.html"]:
+        stale = [*folder.glob("neuron_*.html"), *folder.glob("neurons_*.js"), folder / "index.html", folder / pages.NEURON_PAGE]
+        for path in stale:
             if path.exists() and path not in written:
                 path.unlink()
         if not any(folder.iterdir()):
@@ -532,8 +631,9 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
             pairs=[_pair_summary(data, layer_scores, e, s, layer) for e, s in layer_pairs],
         ))
 
-    similar = _similar_neurons(data)
+    similar = _Similar(data)
     neuron_count = 0
+    data_files = 0
     for summary in layer_summaries:
         folder = out_dir / pages.layer_dir(summary.layer)
         rows, explainers, simulators, has_baseline = _layer_rows(data, summary.layer)
@@ -544,9 +644,10 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
         )
         _write(folder / "index.html", html)
         written.add(folder / "index.html")
-        count = _neuron_pages(data, summary.layer, folder, similar)
-        written.update(folder / pages.neuron_file(n) for n in data.neurons.get(summary.layer, []))
+        count, files = _neuron_chunks(data, summary.layer, folder, similar.of_layer(summary.layer))
+        written.update(files)
         neuron_count += count
+        data_files += len(files) - 1
 
     overall = [_pair_summary(data, data.scores, e, s, None) for e, s in data.pairs]
     index = out_dir / "index.html"
@@ -559,5 +660,6 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
         index=index,
         layers=len(layer_summaries),
         neurons=neuron_count,
-        pages=1 + len(layer_summaries) + neuron_count,
+        pages=1 + 2 * len(layer_summaries),
+        data_files=data_files,
     )

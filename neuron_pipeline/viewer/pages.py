@@ -22,8 +22,21 @@ def layer_dir(layer: str) -> str:
     return f"layer_{safe or '_'}"
 
 
-def neuron_file(neuron: int) -> str:
-    return f"neuron_{int(neuron)}.html"
+# One neuron page per layer renders any of its neurons from a data file holding a chunk of them:
+# a file per neuron does not scale (307,200 files, ~16 GB for GPT-2 XL).
+NEURON_PAGE = "neuron.html"
+NEURON_CHUNK = 64
+CHUNK_CALLBACK = "neuronViewerChunk"
+
+
+def neuron_href(neuron: int) -> str:
+    """Link to a neuron from a page in the same layer folder."""
+    return f"{NEURON_PAGE}#{int(neuron)}"
+
+
+def chunk_file(chunk: int) -> str:
+    """Data file of neurons ``chunk * NEURON_CHUNK`` to ``(chunk + 1) * NEURON_CHUNK - 1``."""
+    return f"neurons_{int(chunk):05d}.js"
 
 
 def fmt_score(value: float | None, digits: int = 3) -> str:
@@ -53,6 +66,7 @@ def page(
     models: Sequence[str],
     data: Any = None,
     script: bool = False,
+    attributes: dict[str, str] | None = None,
 ) -> str:
     """A complete HTML document; ``depth`` is how many folders below the viewer root it lives."""
     up = "../" * depth
@@ -70,7 +84,7 @@ def page(
         '<link rel="icon" href="data:,">',
         f'<link rel="stylesheet" href="{up}static/viewer.css">',
         "</head>",
-        f'<body data-page="{esc(kind)}">',
+        f'<body data-page="{esc(kind)}"' + "".join(f' {name}="{esc(value)}"' for name, value in (attributes or {}).items()) + ">",
         '<header class="topbar"><div class="wrap">',
         f'<a class="brand" href="{up}index.html"><span class="logo" aria-hidden="true"></span>Neuron viewer</a>',
         f'<span class="model" title="subject model">{esc(model_text)}</span>',
@@ -260,7 +274,7 @@ def index_page(
                 row.append(f'<td class="pair-cell">{_pair_label_html(pair)}</td>')
             best = "—"
             if pair.best_neuron is not None:
-                href = f"{layer_dir(layer.layer)}/{neuron_file(pair.best_neuron)}"
+                href = f"{layer_dir(layer.layer)}/{neuron_href(pair.best_neuron)}"
                 best = (f'<a href="{href}">#{pair.best_neuron}</a> <span class="score">{fmt_score(pair.best_score, 2)}</span>'
                         f'<div class="best-expl">{esc(pair.best_explanation or "")}</div>')
             row.append(
@@ -503,7 +517,7 @@ def _similar_html(similar: dict[str, list[dict[str, Any]]]) -> str:
         parts.append(f'<h3><code>{esc(explainer_id)}</code></h3><table class="similar"><thead><tr><th>neuron</th>'
                      "<th class=num>similarity</th><th>explanation</th></tr></thead><tbody>")
         for row in rows:
-            href = f"../{layer_dir(row['layer'])}/{neuron_file(row['neuron'])}"
+            href = f"../{layer_dir(row['layer'])}/{neuron_href(row['neuron'])}"
             parts.append(
                 f'<tr><td><a href="{esc(href)}">layer {esc(row["layer"])} · {int(row["neuron"])}</a></td>'
                 f'<td class=num>{fmt_score(row["similarity"])}</td><td>{esc(row.get("explanation") or "")}</td></tr>'
@@ -520,8 +534,7 @@ RECORD_SECTIONS = [
 ]
 
 
-def neuron_page(
-    models: Sequence[str],
+def neuron_body(
     layer: str,
     neuron: int,
     previous: int | None,
@@ -534,8 +547,8 @@ def neuron_page(
     output_tokens: dict[str, Any] | None = None,
     similar: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
-    prev_link = f'<a rel="prev" href="{neuron_file(previous)}">← neuron {previous}</a>' if previous is not None else ""
-    next_link = f'<a rel="next" href="{neuron_file(following)}">neuron {following} →</a>' if following is not None else ""
+    prev_link = f'<a rel="prev" href="{neuron_href(previous)}">← neuron {previous}</a>' if previous is not None else ""
+    next_link = f'<a rel="next" href="{neuron_href(following)}">neuron {following} →</a>' if following is not None else ""
     body = [
         f'<nav class="crumbs"><a href="../index.html">All layers</a><span class="sep">›</span>'
         f'<a href="index.html">Layer {esc(layer)}</a><span class="sep">›</span><span>Neuron {neuron}</span>'
@@ -588,5 +601,17 @@ def neuron_page(
         )
     if not record_counts and not simulation_count:
         body.append('<p class="muted">No excerpts for this neuron in the lake.</p>')
-    return page(f"Layer {layer} neuron {neuron} · neuron viewer", "\n".join(body), depth=1, kind="neuron",
-                models=models, data=data, script=True)
+    return "\n".join(body)
+
+
+def neuron_title(layer: str, neuron: int) -> str:
+    return f"Layer {layer} neuron {neuron} · neuron viewer"
+
+
+def neuron_shell(models: Sequence[str], layer: str) -> str:
+    """The layer's one neuron page: ``neuron.html#<n>`` loads the data file of n's chunk and shows it
+    (script elements load from file://, where fetch() is refused)."""
+    body = (f'<p class="muted" id="neuron-status">Loading… (this page shows the neuron named after # in its '
+            f'address, e.g. <code>{esc(NEURON_PAGE)}#0</code>; it needs JavaScript)</p>')
+    return page(f"Layer {layer} · neuron viewer", body, depth=1, kind="neuron", models=models, script=True,
+                attributes={"data-chunk": str(NEURON_CHUNK), "data-layer": str(layer)})

@@ -1,8 +1,14 @@
-/* neuron-pipeline viewer: the layer table (sort, filter, pages) and the neuron page's excerpts.
+/* neuron-pipeline viewer: the layer table (sort, filter, pages) and the neuron page.
  *
- * Plain JavaScript, no dependencies, no network. Data comes from the page's
- * <script type="application/json" id="viewer-data"> block; it is inserted with textContent and
- * title only (never innerHTML), so corpus and LLM text can never become markup.
+ * Plain JavaScript, no dependencies, no network. The layer table's data comes from the page's
+ * <script type="application/json" id="viewer-data"> block. The neuron page (one per layer,
+ * neuron.html#<n>) loads the local data file of n's chunk of neurons with a <script> element
+ * (file:// refuses fetch()); the file calls neuronViewerChunk(payload).
+ *
+ * Lake data (tokens, activations, explanations in the excerpt panels) is inserted with
+ * textContent and title only, never as markup. The one exception is the neuron's page body,
+ * which is HTML rendered by the Python build with every value escaped (pages.py, esc) — the same
+ * text a static page would carry — and placed through an inert <template>.
  */
 (function () {
   "use strict";
@@ -145,7 +151,7 @@
           if (key === "neuron") {
             td = el("td", "num");
             var link = el("a", null, String(r.neuron));
-            link.href = "neuron_" + r.neuron + ".html";
+            link.href = "neuron.html#" + r.neuron;
             td.appendChild(link);
           } else if (key === "explainer" || key === "simulator") {
             td = el("td", "id");
@@ -305,7 +311,7 @@
     container.replaceChildren(fragment);
   }
 
-  function initNeuron(data) {
+  function renderNeuron(data) {
     var scale = data.scale;
     var containers = document.querySelectorAll(".excerpts[data-kind]");
     for (var i = 0; i < containers.length; i++) {
@@ -336,6 +342,66 @@
       select.addEventListener("change", show);
       show();
     }
+  }
+
+  /* Tokens are stored once per corpus sequence in a chunk; excerpts name their sequence. */
+  function withTokens(excerpts, sequences) {
+    excerpts.forEach(function (excerpt) {
+      if (!excerpt.t) excerpt.t = sequences[String(excerpt.seq)] || [];
+    });
+  }
+
+  function initNeuronPage() {
+    var main = document.querySelector("main");
+    var layer = document.body.getAttribute("data-layer");
+    var size = Number(document.body.getAttribute("data-chunk")) || 64;
+    var chunks = {};
+    var pending = {};
+
+    function message(text) {
+      main.replaceChildren(el("p", "notice", text));
+      var back = el("p");
+      var link = el("a", null, "\u2190 layer " + layer);
+      link.href = "index.html";
+      back.appendChild(link);
+      main.appendChild(back);
+    }
+
+    function show() {
+      var neuron = /^#\d+$/.test(window.location.hash) ? Number(window.location.hash.slice(1)) : null;
+      if (neuron === null) { message("No neuron named: open one from the layer table (neuron.html#<number>)."); return; }
+      var chunk = Math.floor(neuron / size);
+      if (chunks[chunk]) { render(chunks[chunk], neuron); return; }
+      if (pending[chunk]) return;
+      pending[chunk] = true;
+      var script = document.createElement("script");
+      script.src = "neurons_" + String(chunk).padStart(5, "0") + ".js";
+      script.onload = function () { delete pending[chunk]; show(); };
+      script.onerror = function () { delete pending[chunk]; message("Neuron " + neuron + " is not in this layer's data."); };
+      document.body.appendChild(script);
+    }
+
+    function render(payload, neuron) {
+      var entry = payload.neurons[String(neuron)];
+      if (!entry) { message("Neuron " + neuron + " is not in this layer's data."); return; }
+      var data = entry.data;
+      if (!entry.ready) {
+        Object.keys(data.records || {}).forEach(function (kind) { withTokens(data.records[kind], payload.sequences); });
+        (data.simulations || []).forEach(function (pair) { withTokens(pair.excerpts, payload.sequences); });
+        entry.ready = true;
+      }
+      var body = document.createElement("template");
+      body.innerHTML = entry.html;  /* escaped by the Python build, see the header */
+      main.replaceChildren(body.content);
+      document.title = entry.title;
+      renderNeuron(data);
+      window.scrollTo(0, 0);
+    }
+
+    window.neuronViewerChunk = function (payload) {
+      if (payload && String(payload.layer) === String(layer)) chunks[payload.chunk] = payload;
+    };
+    window.addEventListener("hashchange", show);
     document.addEventListener("keydown", function (event) {
       var target = event.target;
       if (event.altKey || event.ctrlKey || event.metaKey || (target && /^(INPUT|SELECT|TEXTAREA)$/.test(target.tagName))) return;
@@ -343,10 +409,11 @@
       var link = rel && document.querySelector(".prevnext a[rel=" + rel + "]");
       if (link) window.location.href = link.href;
     });
+    show();
   }
 
   var page = document.body.getAttribute("data-page");
   var data = readData();
   if (page === "layer" && data) initLayer(data);
-  if (page === "neuron" && data) initNeuron(data);
+  if (page === "neuron") initNeuronPage();
 })();
