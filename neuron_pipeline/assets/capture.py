@@ -16,6 +16,7 @@ from neuron_pipeline.assets.checks import check_result, combine_reports, gate, q
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layer
 from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.versions import capture_data_version
+from neuron_pipeline.memory import release_memory
 from neuron_pipeline.assets.partitions import GPU_POOL, GPU_TAGS, layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource, SubjectModelResource
 from neuron_pipeline.config import parse_index_spec
@@ -171,6 +172,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 n_stats += stats.height
                 n_records += records.height
                 del stats, records
+                release_memory()
         stats_report = combine_reports("neuron_activations", stats_reports)
         records_report = combine_reports("activation_records", records_reports)
 

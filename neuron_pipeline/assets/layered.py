@@ -18,6 +18,7 @@ import polars as pl
 from neuron_pipeline.interp.concurrency import map_windowed
 from neuron_pipeline.interp.records import NeuronRecord, neuron_records_from_rows
 from neuron_pipeline.lake import read_table, table_frame
+from neuron_pipeline.memory import release_memory
 
 # Neurons whose activation records are read from the lake (and turned into Python objects) at
 # once: ~50 excerpts of 64 tokens each is ~0.3 MB of Python objects per neuron.
@@ -98,6 +99,8 @@ def run_by_layer(
     def finish(layer: int) -> None:
         state = open_layers.pop(layer)[0]
         flush(layer, state)
+        del state
+        release_memory()
 
     def tasks() -> Iterator[tuple[int, Any]]:
         # With workers > 1 this runs on a prefetch thread, ahead of the window: it only plans.

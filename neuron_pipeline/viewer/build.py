@@ -29,6 +29,7 @@ import polars as pl
 from neuron_pipeline.lake import Lake, read_table, table_exists
 from neuron_pipeline.lake.io import LakeLike
 from neuron_pipeline.lake.outcomes import failure_report, meaningful_pairs
+from neuron_pipeline.memory import release_memory
 from neuron_pipeline.viewer import pages
 from neuron_pipeline.viewer.charts import GOOD_SCORE, PALETTE, LayerStats, Series, histogram_counts
 from neuron_pipeline.viewer.safe import finite, script_json
@@ -648,6 +649,7 @@ def build_viewer(lake: LakeLike, out_dir: str | Path) -> ViewerSummary:
         written.update(files)
         neuron_count += count
         data_files += len(files) - 1
+        release_memory()
 
     overall = [_pair_summary(data, data.scores, e, s, None) for e, s in data.pairs]
     index = out_dir / "index.html"
