@@ -86,9 +86,12 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
         time.sleep(0.25)
     wall = time.time() - started_wall
     log.close()
+    # A run that failed or was stopped still reports the stages it finished (a 307,200-neuron run
+    # can outlast a session): its result carries the error.
+    error = None
     if process.returncode != 0:
         tail = (folder / "cli.log").read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"neuron-pipeline run failed (exit {process.returncode}): {tail}")
+        error = f"neuron-pipeline run exited {process.returncode}: {tail}"
     windows = _step_windows(home)
     stages = {}
     for stage in STAGES:
@@ -106,6 +109,7 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
         "viewer_bytes": _folder_bytes(viewer) if viewer.is_dir() else 0,
         "viewer_files": sum(len(files) for _, _, files in os.walk(viewer)) if viewer.is_dir() else 0,
         "progress_lines": sum(1 for line in (folder / "cli.log").read_text().splitlines() if line.startswith("progress ")),
+        **({"error": error} if error else {}),
     }
 
 

@@ -21,6 +21,10 @@ from bench.common import REPO, fmt_bytes, machine_info
 BEGIN = "<!-- scale:begin (python -m bench.scale_report) -->"
 END = "<!-- scale:end -->"
 SCALE_DIR = Path("/tmp/np-scale-bench")
+# Hand-written notes on the measured figures, kept across re-renders: the part before the
+# STAGES_MARK line goes after the whole-model results, the rest after the stage-level ones.
+NOTES = REPO / "bench" / "scale_notes.md"
+STAGES_MARK = "<!-- stages -->"
 STAGES_DIR = Path("/tmp/np-stages-bench")
 
 
@@ -61,8 +65,15 @@ def _extrapolation(results: dict) -> list[str]:
     ]
 
 
+def _notes() -> tuple[str, str]:
+    text = NOTES.read_text() if NOTES.is_file() else ""
+    whole, _, stages = text.partition(STAGES_MARK)
+    return whole.strip(), stages.strip()
+
+
 def render(results: dict, stages: dict | None) -> str:
     info = machine_info(1)
+    whole_notes, stage_notes = _notes()
     out = [BEGIN, "## A whole model on one machine\n"]
     load_file = SCALE_DIR / "load.json"
     load = json.loads(load_file.read_text()) if load_file.is_file() else {}
@@ -99,6 +110,8 @@ def render(results: dict, stages: dict | None) -> str:
         for line in _extrapolation(results):
             out.append(f"- {line}")
         out.append("")
+    if whole_notes:
+        out.append(whole_notes + "\n")
     if stages:
         out.append("### LLM stages against the fake OpenAI server\n")
         out.append("| metric | measured | target | status | note |\n|---|---|---|---|---|")
@@ -109,6 +122,8 @@ def render(results: dict, stages: dict | None) -> str:
         out.extend(t + "\n" for t in stages["tables"])
         out.extend(f"- {n}" for n in stages["notes"])
         out.append("")
+    if stage_notes:
+        out.append(stage_notes + "\n")
     out.append(END)
     return "\n".join(out) + "\n"
 
