@@ -1,6 +1,6 @@
 """BENCHMARKS.md's whole-model section: whole-model runs and stage-level API utilization.
 
-    python -m bench.scale_report --run          # run everything (about an hour on 2 cores), then write
+    python -m bench.scale_report --run          # run everything (hours on 2 cores), then write
     python -m bench.scale_report                # write the section from the saved results
 
 The runs take 10+ minutes each, too long for ``bench.run``'s budget: this command writes its own
@@ -36,33 +36,44 @@ def _extrapolation(results: dict) -> list[str]:
     gpt2 = [(k, v) for k, v in results.items() if k.startswith("gpt2xl")]
     if not gpt2:
         return []
-    name, run = gpt2[0]
+    name, run = gpt2[-1]
     _, layer_spec, sequences = name.split(":")
     lo, hi = (int(x) for x in layer_spec.split("-"))
     layers = hi - lo + 1
-    downstream = sum(run["stages"].get(s, {}).get("wall_s", 0) for s in ("explanations", "simulations", "scores", "layer_summary"))
-    capture = run["stages"].get("capture", {}).get("wall_s", 0)
+    neurons = layers * 6400
     from neuron_pipeline.config import RecordsSettings
     from neuron_pipeline.subject.capture import layer_state_bytes
 
     per_layer = sum(layer_state_bytes(6400, 64, int(sequences), RecordsSettings(), "float16").values())
     paper = sum(layer_state_bytes(6400, 64, 10**6, RecordsSettings(), "float16").values())
     weights = 1_557_611_200 * 4  # GPT-2 XL parameters, float32
-    return [
-        f"GPT-2 XL shape, measured on {layers} layers x 6,400 neurons of a randomly initialised GPT-2 XL "
-        f"(1,600 hidden, 25 heads; {layers} of its 48 blocks built, so the weights fit next to the other agents "
-        f"on this shared machine) over {int(sequences):,} sequences: downstream stages {downstream / layers:.0f} s "
-        f"per layer, capture {capture:.0f} s for the {layers} layers; lake {fmt_bytes(run['lake_bytes'] / layers)} per layer.",
-        f"All 48 layers, same corpus (extrapolated): downstream {48 * downstream / layers / 3600:.1f} h on 2 cores "
-        f"(per layer, flat in the number of layers: see the SmolLM2 10- vs 30-layer runs); peak memory = "
-        f"weights {fmt_bytes(weights)} + capture state {fmt_bytes(48 * per_layer)} ({fmt_bytes(per_layer)} per layer, "
-        f"measured) + one layer downstream ({fmt_bytes(max(s['peak_rss'] for s in run['stages'].values()))} peak "
-        f"RSS of the whole process in the measured run) — inside 24 GB; lake {fmt_bytes(48 * run['lake_bytes'] / layers)}.",
+    finished = [s for s in ("capture", "neuron_output_tokens", "explanations", "explanation_embeddings", "simulations",
+                            "scores", "layer_summary", "neuron_viewer") if s in run["stages"]]
+    rates = ", ".join(
+        f"{stage} {neurons / run['stages'][stage]['wall_s']:,.0f} neurons/s"
+        for stage in ("explanations", "explanation_embeddings", "simulations", "scores") if stage in run["stages"]
+    )
+    lines = [
+        f"GPT-2 XL shape ({name}): a randomly initialised GPT-2 XL (1,600 hidden, 25 heads, 6,400 MLP neurons per "
+        f"block), {layers} layers x 6,400 = {neurons:,} neurons over {int(sequences):,} sequences of 64 tokens. Peak RSS "
+        f"{fmt_bytes(run['peak_rss'])} (inside 24 GB): weights {fmt_bytes(weights)} + the capture's kept state "
+        f"{fmt_bytes(layers * per_layer)} ({fmt_bytes(per_layer)} per layer) + the forward pass's working set; "
+        f"lake {fmt_bytes(run['lake_bytes'])}.",
+    ]
+    if run.get("error"):
+        lines.append(
+            f"This run was stopped before it finished (the session's time ran out): stages finished "
+            f"{', '.join(finished)}; the rest are not measured at this size. Rates: {rates or 'none'}."
+        )
+    elif rates:
+        lines.append(f"Rates on these 2 cores: {rates}.")
+    lines.append(
         f"The paper's corpus (its records came from ~1M+ sequences): the capture's kept state does not grow with the "
         f"corpus past the quantile sample ({fmt_bytes(paper)} per layer at 1M sequences), the forward pass grows "
         f"linearly (the capture's wall time above x {10**6 // int(sequences):,} for 1M sequences on CPU: a GPU job), "
-        "and every later stage is unchanged (it reads the same number of records per neuron).",
-    ]
+        "and every later stage is unchanged (it reads the same number of records per neuron)."
+    )
+    return lines
 
 
 def _notes() -> tuple[str, str]:
@@ -143,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run:
         from bench.common import Section
-        from bench.scale_bench import gpt2_xl_model
         from bench.scale_bench import main as scale_main
         from bench.stages_bench import run_stages
 
@@ -151,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         load = {"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "start": _load()}
         (SCALE_DIR / "load.json").write_text(json.dumps(load))
         scale_main(["smollm2:0-29", "smollm2:0-9", "--out", str(SCALE_DIR)])
-        gpt2_xl_model(SCALE_DIR / "gpt2-xl-random", layers=4)
-        scale_main(["gpt2xl:0-3:256", "--out", str(SCALE_DIR)])
+        # Every GPT-2 XL neuron (48 x 6,400): hours on 2 cores; a stopped run keeps its finished stages.
+        scale_main(["gpt2xl:0-47:128", "--out", str(SCALE_DIR)])
         section = Section("stages", "stages")
         run_stages(section, STAGES_DIR, concurrencies=(64, 256), latency_s=1.0, waves=15)
         (STAGES_DIR / "section.json").write_text(
