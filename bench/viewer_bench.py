@@ -2,6 +2,7 @@
 its pages opening in headless Chromium.
 
     python -m bench.viewer_bench <lake> [--out DIR]
+    python -m bench.viewer_bench --built DIR     # only files, bytes and open times of a built site
 
 The build runs in a subprocess (its peak resident memory is its own); the pages are opened with
 the project's DevTools client (``tests/test_viewer.py``). Prints one JSON object.
@@ -83,15 +84,18 @@ def open_times(out: Path, layer: str, neurons: list[int], reps: int = 3) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.viewer_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("lake")
+    parser.add_argument("lake", nargs="?")
     parser.add_argument("--out", default="/tmp/np-viewer-bench")
+    parser.add_argument("--built", help="a site already built: measure it, build nothing")
     parser.add_argument("--layer", default="0")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    if not (args.lake or args.built):
+        parser.error("give a lake to build the viewer of, or --built DIR")
+    out = Path(args.built or args.out)
     started = time.time()
-    result = {"build": build(Path(args.lake), out)}
+    result = {} if args.built else {"build": build(Path(args.lake), out)}
     result["sizes"] = sizes(out)
-    neurons = result["build"]["neurons"] // max(1, result["build"]["layers"])
+    neurons = max(int(p.stem.split("_")[1]) for p in (out / f"layer_{args.layer}").glob("neurons_*.js")) * 64 + 1
     result["open_ms"] = open_times(out, args.layer, [0, max(0, neurons // 2), max(0, neurons - 1)])
     result["wall_s"] = time.time() - started
     print(json.dumps(result))
