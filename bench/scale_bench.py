@@ -133,12 +133,15 @@ def table(results: dict[str, dict]) -> str:
     lines = [head, "|" + "---|" * (5 + len(STAGES))]
     for name, r in results.items():
         cells = [
-            f"{r['stages'][s]['wall_s']:.0f} s / {fmt_bytes(r['stages'][s]['peak_rss'])}" if s in r["stages"] else "—"
+            f"{r['stages'][s]['wall_s']:.0f} s / "
+            + (fmt_bytes(r["stages"][s]["peak_rss"]) if r["stages"][s]["peak_rss"] else "not sampled")
+            if s in r["stages"] else ("not run" if r.get("error") else "—")
             for s in STAGES
         ]
         lines.append(
             f"| {name} | {r['wall_s'] / 60:.1f} min | {fmt_bytes(r['peak_rss'])} | " + " | ".join(cells)
-            + f" | {fmt_bytes(r['lake_bytes'])} | {r['viewer_files']:,} files, {fmt_bytes(r['viewer_bytes'])} |"
+            + f" | {fmt_bytes(r['lake_bytes'])} | "
+            + (f"{r['viewer_files']:,} files, {fmt_bytes(r['viewer_bytes'])} |" if r["viewer_files"] else "not built |")
         )
     return "\n".join(lines)
 

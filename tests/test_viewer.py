@@ -215,8 +215,14 @@ def test_neuron_page_embeds_every_excerpt_and_simulation(small_lake, small_viewe
         assert [r["rank"] for r in shown] == expected["rank"].to_list()
         assert [r["t"] for r in shown] == expected["tokens"].to_list()
         for record, acts in zip(shown, expected["activations"].to_list()):
-            assert record["a"] == pytest.approx(acts, abs=1e-3)
+            # Stored in thousandths of the neuron's maximum, read back within half a step.
+            assert record["a"] == pytest.approx(acts, abs=data["unit"] / 2 + 1e-9)
+            assert data["unit"] == pytest.approx(data["scale"] / 1000)
     assert sum(len(p["excerpts"]) for p in data["simulations"]) == sims.height
+    # On disk: integer steps and a sequence id per excerpt, the tokens once per sequence.
+    chunk = (small_viewer.out_dir / "layer_0" / "neurons_00000.js").read_text(encoding="utf-8")
+    stored = json.loads(chunk[len("neuronViewerChunk("):-len(");\n")])["neurons"]["3"]["data"]["records"]["top"][0]
+    assert all(isinstance(v, int) for v in stored["a"]) and "t" not in stored
     explanation = read_table(small_lake, "explanations", where=where)["explanation"][0]
     assert explanation in " ".join(doc.text)
 

@@ -76,11 +76,19 @@ def _quantile(values: np.ndarray, q: float) -> float | None:
     return float(np.quantile(values, q)) if values.size else None
 
 
-def _decimals(scale: float) -> int:
-    """Decimals that keep four significant digits relative to the neuron's maximum."""
-    if not scale or not math.isfinite(scale) or scale <= 0:
-        return 4
-    return max(0, min(8, 4 - math.ceil(math.log10(scale))))
+# Activations are stored as integers in thousandths of the neuron's maximum (the page multiplies
+# back): a shade needs far less, a hover keeps 3 digits, and 50 excerpts x 64 values are the bulk
+# of a neuron's bytes (~8 bytes a value as decimals, ~3 as per-mille integers).
+ACTIVATION_STEPS = 1000
+
+
+def _quantized(values: Iterable[float] | None, unit: float) -> list[int | None]:
+    if values is None:
+        return []
+    array = np.asarray(list(values), dtype=np.float64) / unit
+    finite_values = np.isfinite(array)
+    steps = np.rint(np.where(finite_values, array, 0)).astype(np.int64).tolist()
+    return steps if finite_values.all() else [v if ok else None for v, ok in zip(steps, finite_values.tolist())]
 
 
 def _values(values: Iterable[float] | None, decimals: int) -> list[float | None]:
@@ -492,7 +500,7 @@ def _neuron_entry(
             candidates.extend(finite(a) for a in sim["true_activations"] or [] if a is not None)
         candidates = [c for c in candidates if c is not None]
         scale = max(candidates) if candidates and max(candidates) > 0 else 1.0
-    decimals = _decimals(scale)
+    unit = scale / ACTIVATION_STEPS
 
     record_data: dict[str, list[dict[str, Any]]] = {}
     for row in neuron_records:
@@ -500,7 +508,7 @@ def _neuron_entry(
             "rank": row["rank"],
             **sequences.item(row["sequence_id"], row["tokens"]),
             "max": finite(row["max_activation"]),
-            "a": _values(row["activations"], decimals),
+            "a": _quantized(row["activations"], unit),
         }
         if row["quantile_bin"] is not None:
             item["bin"] = row["quantile_bin"]
@@ -516,8 +524,8 @@ def _neuron_entry(
             "kind": row["kind"],
             "rank": row["rank"],
             **sequences.item(row["sequence_id"], row["tokens"]),
-            "a": _values(row["true_activations"], decimals),
-            "s": _values(row["expected_activations"], 3),
+            "a": _quantized(row["true_activations"], unit),
+            "s": _values(row["expected_activations"], 2),
         })
     sim_data = []
     for explainer_id, simulator_id in sorted(by_pair, key=lambda p: _pair_key(*p)):
@@ -559,7 +567,7 @@ def _neuron_entry(
             ],
         ))
 
-    data = {"layer": layer, "neuron": neuron, "scale": scale, "records": record_data, "simulations": sim_data}
+    data = {"layer": layer, "neuron": neuron, "scale": scale, "unit": unit, "records": record_data, "simulations": sim_data}
     html = pages.neuron_body(
         layer, neuron, previous, following, stats, cards, data,
         {kind: len(items) for kind, items in record_data.items()},
@@ -572,7 +580,7 @@ def _neuron_entry(
 
 def read_neuron(viewer_dir: str | Path, layer: str, neuron: int) -> dict[str, Any] | None:
     """A neuron as its page shows it (``title``, ``html`` body, excerpt ``data`` with tokens
-    resolved), read back from the viewer's data files; None when it is not there."""
+    resolved and activations multiplied back from steps of ``data["unit"]``), read back from the viewer's data files; None when it is not there."""
     path = Path(viewer_dir) / pages.layer_dir(layer) / pages.chunk_file(int(neuron) // pages.NEURON_CHUNK)
     if not path.is_file():
         return None
@@ -586,9 +594,11 @@ def read_neuron(viewer_dir: str | Path, layer: str, neuron: int) -> dict[str, An
         return None
     excerpts = [*(r for rs in entry["data"]["records"].values() for r in rs),
                 *(e for pair in entry["data"]["simulations"] for e in pair["excerpts"])]
+    unit = entry["data"]["unit"]
     for excerpt in excerpts:
         if "t" not in excerpt:
             excerpt["t"] = payload["sequences"][str(excerpt["seq"])]
+        excerpt["a"] = [None if v is None else v * unit for v in excerpt["a"]]
     return entry
 
 

@@ -344,10 +344,12 @@
     }
   }
 
-  /* Tokens are stored once per corpus sequence in a chunk; excerpts name their sequence. */
-  function withTokens(excerpts, sequences) {
+  /* Tokens are stored once per corpus sequence in a chunk; excerpts name their sequence.
+     Activations are integers in steps of data.unit (thousandths of the neuron's maximum). */
+  function withTokens(excerpts, sequences, unit) {
     excerpts.forEach(function (excerpt) {
       if (!excerpt.t) excerpt.t = sequences[String(excerpt.seq)] || [];
+      excerpt.a = (excerpt.a || []).map(function (v) { return v === null ? null : v * unit; });
     });
   }
 
@@ -386,8 +388,9 @@
       if (!entry) { message("Neuron " + neuron + " is not in this layer's data."); return; }
       var data = entry.data;
       if (!entry.ready) {
-        Object.keys(data.records || {}).forEach(function (kind) { withTokens(data.records[kind], payload.sequences); });
-        (data.simulations || []).forEach(function (pair) { withTokens(pair.excerpts, payload.sequences); });
+        var unit = data.unit || 1;
+        Object.keys(data.records || {}).forEach(function (kind) { withTokens(data.records[kind], payload.sequences, unit); });
+        (data.simulations || []).forEach(function (pair) { withTokens(pair.excerpts, payload.sequences, unit); });
         entry.ready = true;
       }
       var body = document.createElement("template");
