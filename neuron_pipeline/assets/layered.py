@@ -11,7 +11,6 @@ never drains at a layer boundary.
 
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any, Callable, Iterable, Iterator
 
 import polars as pl
@@ -92,35 +91,19 @@ def run_by_layer(
     the layer's last task is collected. Layers overlap only within the window: memory holds the
     states of the layers that have tasks in flight (one layer, when ``workers <= 1``).
 
-    ``collect`` runs on the calling thread; ``work`` on worker threads and ``plan`` on a prefetch
-    thread (ahead of the window) when ``workers > 1``. ``flush`` runs on the calling thread with
-    ``workers <= 1``; otherwise on one writer thread, layers in order, so the window keeps the
-    backend busy while a finished layer is validated and written (a flush of ~1 s would otherwise
-    drain 256 requests in flight). A flush that raised stops the run with its exception, at the
-    next finished layer or at the end; layers already handed to the writer are still written."""
+    ``collect`` and ``flush`` run on the calling thread; ``work`` on worker threads and ``plan``
+    on a prefetch thread (ahead of the window) when ``workers > 1``. (Flushing on a writer thread
+    instead was measured and dropped: the quality gate's Python work then competes for the GIL with
+    the client's event loop, and at concurrency 256 the explanation stage kept 0.22 of the limit
+    busy instead of 0.42; BENCHMARKS.md.)"""
     # layer -> [state, tasks done, tasks planned (None until the layer is fully planned)]
     open_layers: dict[int, list] = {}
-    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-writer") if workers > 1 else None
-    writes: list[concurrent.futures.Future] = []
-
-    def flush_and_release(layer: int, state: Any) -> None:
-        flush(layer, state)
-        del state
-        release_memory()
-
-    def raise_failed_writes(wait: bool) -> None:
-        for future in list(writes):
-            if wait or future.done():
-                writes.remove(future)
-                future.result()  # re-raises a failed flush (e.g. a quality gate) here
 
     def finish(layer: int) -> None:
         state = open_layers.pop(layer)[0]
-        if writer is None:
-            flush_and_release(layer, state)
-            return
-        raise_failed_writes(wait=False)
-        writes.append(writer.submit(flush_and_release, layer, state))
+        flush(layer, state)
+        del state
+        release_memory(collect=workers <= 1)
 
     def tasks() -> Iterator[tuple[int, Any]]:
         # With workers > 1 this runs on a prefetch thread, ahead of the window: it only plans.
@@ -137,22 +120,15 @@ def run_by_layer(
     def run(task: tuple[int, Any]) -> Any:
         return None if isinstance(task[1], _Planned) else work(task[1])
 
-    try:
-        for (layer, item), result in map_windowed(run, tasks(), workers, prefetch=workers > 1):
-            entry = open_layers[layer]
-            if isinstance(item, _Planned):
-                entry[2] = item.count
-            else:
-                collect(entry[0], item, result)
-                entry[1] += 1
-            if entry[1] == entry[2]:
-                finish(layer)
-        raise_failed_writes(wait=True)
-    finally:
-        if writer is not None:
-            # An error or interrupt: layers already handed over are still written (their LLM
-            # answers are paid for), nothing new starts.
-            writer.shutdown(wait=True)
+    for (layer, item), result in map_windowed(run, tasks(), workers, prefetch=workers > 1):
+        entry = open_layers[layer]
+        if isinstance(item, _Planned):
+            entry[2] = item.count
+        else:
+            collect(entry[0], item, result)
+            entry[1] += 1
+        if entry[1] == entry[2]:
+            finish(layer)
 
 
 class _Planned:
