@@ -133,7 +133,7 @@ def render(results: dict, stages: dict | None) -> str:
         out.extend(t + "\n" for t in stages["tables"])
         out.extend(f"- {n}" for n in stages["notes"])
         out.append("")
-    if stage_notes:
+    if stage_notes and stages:
         out.append(stage_notes + "\n")
     out.append(END)
     return "\n".join(out) + "\n"
