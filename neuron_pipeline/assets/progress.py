@@ -31,7 +31,6 @@ DEFAULT_INTERVAL_S = 30.0
 
 _echo = {"on": False}
 _lock = threading.Lock()
-_update_lock = threading.Lock()
 
 
 def echo(on: bool) -> None:
@@ -167,10 +166,9 @@ class Progress:
         _last["position"] = Position(self.stage, self.where, self.done, self.total, self.unit)
 
     def update(self, n: int = 1) -> None:
-        with _update_lock:  # the calling thread and a stage's layer-writer thread both count
-            self.done += int(n)
-            self.bar.update(n)
-            self._record()
+        self.done += int(n)
+        self.bar.update(n)
+        self._record()
         interrupts.checkpoint()
 
     def __iter__(self) -> Iterator:
