@@ -66,7 +66,34 @@ def gpt2_xl_model(folder: Path, layers: int = 48) -> Path:
     return folder
 
 
-def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = None) -> dict:
+# The given stages, over every layer of the config, as one Dagster range run and then
+# the viewer: what a user does from the UI ("materialize selected" over a partition range) to
+# finish a run whose earlier stages are stored. (`neuron-pipeline run` would redo the capture.)
+_RESUME = """
+import sys
+import dagster as dg
+from neuron_pipeline.config import load_settings, parse_index_spec
+from neuron_pipeline.definitions import build_definitions
+from neuron_pipeline.subject import describe_subject
+
+config, lake, stages = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+settings = load_settings(config_file=config, overrides={"lake": lake})
+layers = parse_index_spec(settings.layers, describe_subject(settings.subject).num_layers, "layer")
+defs = build_definitions(settings)
+from neuron_pipeline.assets.run_owner import fail_dead_runs
+instance = dg.DagsterInstance.get()  # the stopped run's DAGSTER_HOME: its step windows are read back
+fail_dead_runs(instance)  # the stopped run's pool slot
+layer_stages = [dg.AssetKey(s) for s in stages if s != "neuron_viewer"]
+tags = {"dagster/asset_partition_range_start": str(min(layers)), "dagster/asset_partition_range_end": str(max(layers))}
+assert dg.materialize(list(defs.assets), selection=layer_stages, resources=defs.resources, tags=tags, instance=instance).success
+if "neuron_viewer" in stages:
+    assert dg.materialize(list(defs.assets), selection=[dg.AssetKey("neuron_viewer")], resources=defs.resources, instance=instance).success
+"""
+
+
+def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = None, resume_from: str | None = None) -> dict:
+    """One whole-model run; with ``resume_from`` (a stage), only that stage and the ones after it,
+    over the lake a stopped run left in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.yaml"
     config.write_text(config_text)
@@ -74,12 +101,14 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
     home.mkdir(exist_ok=True)
     env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     lake = folder / "lake"
-    log = open(folder / "cli.log", "w")
+    log = open(folder / ("cli.log" if resume_from is None else f"resume-{resume_from}.log"), "w")
     started_wall = time.time()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "neuron_pipeline.cli", "run", "--config", str(config), "--lake", str(lake), *(extra_args or [])],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder,
-    )
+    if resume_from is None:
+        command = [sys.executable, "-m", "neuron_pipeline.cli", "run", "--config", str(config), "--lake", str(lake), *(extra_args or [])]
+    else:
+        stages = ",".join(STAGES[STAGES.index(resume_from):])
+        command = [sys.executable, "-c", _RESUME, str(config), str(lake), stages]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
     samples: list[tuple[float, int]] = []
     while process.poll() is None:
         samples.append((time.time(), _rss(process.pid)))
@@ -90,7 +119,7 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
     # can outlast a session): its result carries the error.
     error = None
     if process.returncode != 0:
-        tail = (folder / "cli.log").read_text().strip().splitlines()[-3:]
+        tail = Path(log.name).read_text().strip().splitlines()[-3:]
         error = f"neuron-pipeline run exited {process.returncode}: {tail}"
     windows = _step_windows(home)
     stages = {}
@@ -108,7 +137,7 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
         "lake_bytes": _folder_bytes(lake),
         "viewer_bytes": _folder_bytes(viewer) if viewer.is_dir() else 0,
         "viewer_files": sum(len(files) for _, _, files in os.walk(viewer)) if viewer.is_dir() else 0,
-        "progress_lines": sum(1 for line in (folder / "cli.log").read_text().splitlines() if line.startswith("progress ")),
+        "progress_lines": sum(1 for line in Path(log.name).read_text().splitlines() if line.startswith("progress ")),
         **({"error": error} if error else {}),
     }
 
@@ -152,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale_bench")
     parser.add_argument("runs", nargs="+", help="smollm2:<layers> or gpt2xl:<layers>:<sequences>")
     parser.add_argument("--out", default="/tmp/np-scale-bench")
+    parser.add_argument("--resume-from", choices=STAGES, help="finish a stopped run from this stage on (its earlier stages' figures are kept)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     saved = out / "results.json"
@@ -164,7 +194,21 @@ def main(argv: list[str] | None = None) -> int:
             model = gpt2_xl_model(out / "gpt2-xl-random")
             text = gpt2_config(model, rest[0], int(rest[1]))
         print(f"[scale] {spec} ...", flush=True)
-        results[spec] = run_whole(out / spec.replace(":", "_"), text)
+        if args.resume_from and spec in results:
+            earlier = results[spec]
+            resumed = run_whole(out / spec.replace(":", "_"), text, resume_from=args.resume_from)
+            kept = {k: v for k, v in earlier["stages"].items() if STAGES.index(k) < STAGES.index(args.resume_from)}
+            results[spec] = {
+                **resumed,
+                "stages": {**kept, **{k: v for k, v in resumed["stages"].items() if k not in kept}},
+                "wall_s": earlier["wall_s"] + resumed["wall_s"],
+                "peak_rss": max(earlier["peak_rss"], resumed["peak_rss"]),
+                "progress_lines": earlier.get("progress_lines", 0) + resumed["progress_lines"],
+                "resumed_from": args.resume_from,
+                **({"sampled_from": earlier["sampled_from"]} if "sampled_from" in earlier else {}),
+            }
+        else:
+            results[spec] = run_whole(out / spec.replace(":", "_"), text)
         print(json.dumps({spec: results[spec]}), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))

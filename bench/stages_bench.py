@@ -74,7 +74,7 @@ def _step_windows(home: Path) -> dict[str, tuple[float, float]]:
     instance = dg.DagsterInstance.get()
     windows: dict[str, tuple[float, float]] = {}
     try:
-        for run in instance.get_runs():
+        for run in reversed(instance.get_runs()):  # oldest first: a later run's step wins
             starts: dict[str, float] = {}
             for record in instance.all_logs(run.run_id):
                 event = record.dagster_event

@@ -303,8 +303,42 @@ def test_a_corrupted_upstream_table_stops_downstream_assets(materialized, tmp_pa
     assert {t: open_table(lake, t).version() for t in jobs.EXPLAIN_ASSETS} == versions_before  # nothing written
 
 
+def test_the_upstream_gate_checks_each_layer_as_it_is_read(materialized, tmp_path):
+    """The upstream gate runs layer by layer, as each layer is planned (ahead of an API window):
+    a corrupt layer 1 stops the explanations step with the check naming layer 1, nothing of layer
+    1 is written, and nothing downstream runs; layer 0, validated and computed first, is kept."""
+    home, lake = _clone(materialized, tmp_path)
+    settings = small_settings(lake, layers="0-1")
+    defs = build_definitions(settings)
+    records = read_table(lake, "activation_records", where={"layer": "1"})
+    bad = records.with_columns(
+        max_activation=pl.when(pl.col("kind") == "top").then(-pl.col("max_activation")).otherwise(pl.col("max_activation"))
+    )
+    write_table(lake, "activation_records", bad, replace_where={"layer": "1"})
+    layer_1_before = read_table(lake, "explanations", where={"layer": "1"}).sort("neuron", "explainer_id")
+    embeddings_before = open_table(lake, "explanation_embeddings").version()
+
+    with _instance(home) as instance:
+        result = defs.resolve_job_def(jobs.EXPLAIN_JOB).execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False, run_config=QUIET
+        )
+    assert not result.success
+    evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    gate = evaluations[("explanations", UPSTREAM_CHECK_NAME)]
+    assert gate.passed is False
+    assert gate.metadata["layer"].value == "1"
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "layer 1" in failure.event_specific_data.error.message
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert started == {"explanations"}
+    assert read_table(lake, "explanations", where={"layer": "1"}).sort("neuron", "explainer_id").equals(layer_1_before)
+    assert read_table(lake, "explanations", where={"layer": "0"}).height > 0
+    assert open_table(lake, "explanation_embeddings").version() == embeddings_before
+
+
 def test_check_results_show_expectations_evaluated(materialized):
     evaluations = materialized["result"].get_asset_check_evaluations()
+
     assert {(e.asset_key.to_user_string(), e.check_name) for e in evaluations} >= {
         (name, CHECK_NAME) for name in LAYER_ASSETS
     } | {(name, UPSTREAM_CHECK_NAME) for name in jobs.EXPLAIN_ASSETS}

@@ -151,3 +151,25 @@ def test_nearest_neighbours_of_some_queries_among_allowed_rows():
     assert indices.tolist() == [[1, 2]]
     full, _ = nearest_neighbours(vectors, groups, k=2)
     assert full[0].tolist() == [3, 1]  # allowed changes the answer: the test can fail
+
+
+def test_the_embedder_agrees_with_float32_in_its_chosen_dtype():
+    """The embedder runs in bfloat16 where the CPU has it natively (llm/embeddings.py): its vectors
+    must stay those of float32 for search to mean the same thing."""
+    import torch
+
+    from neuron_pipeline.llm.embeddings import SentenceEmbedder, default_dtype
+
+    texts = [
+        'the tokens "monday" (10), "friday" (9), "sunday" (7)', "names of days of the week", "a comma after a clause",
+        "words about money and prices", "the word 'house'", 'the tokens "," (10)', "verbs in the past tense",
+    ]
+    reference = SentenceEmbedder(dtype=torch.float32).embed(texts)
+    chosen = SentenceEmbedder().embed(texts)
+    assert SentenceEmbedder().dtype == default_dtype()
+    assert chosen.dtype == np.float32
+    assert np.allclose(np.linalg.norm(chosen, axis=1), 1.0, atol=1e-5)
+    cosine = (reference * chosen).sum(1)
+    assert cosine.min() > 0.999, cosine
+    # The same nearest neighbour for every text.
+    assert ((reference @ reference.T - 2 * np.eye(len(texts))).argmax(1) == (chosen @ chosen.T - 2 * np.eye(len(texts))).argmax(1)).all()

@@ -5,6 +5,8 @@ check, stops every downstream asset of the run. The check result, with the faile
 and a sample of failing rows, shows in the Dagster UI.
 """
 
+import threading
+
 import dagster as dg
 import polars as pl
 
@@ -110,43 +112,80 @@ def upstream_check_spec(table: str, upstream: str) -> dg.AssetCheckSpec:
     )
 
 
-def gate_upstream(table: str, upstream: str, lake, layers: list[int], settings):
-    """Validate the stored upstream rows this asset is about to read. Yields a failing check
-    result and raises if they are corrupt; returns the passing result for the final yield, as
-    ``upstream_result = yield from gate_upstream(...)``. Layers with no stored rows are left to
-    the asset (it says what to materialize first)."""
-    from neuron_pipeline.lake import read_table
+class UpstreamGate:
+    """The upstream gate of one asset run, one layer at a time: ``check(layer)`` validates the
+    stored ``upstream`` rows of a layer right before the asset reads them and raises
+    ``QualityGateFailed`` if they are corrupt; ``result()`` is the passing check result once every
+    layer was checked. An LLM stage calls ``check`` as it plans each layer, ahead of the request
+    window, so the gate of layer k+1 overlaps with layer k's calls in flight instead of holding
+    back the first request until every layer is validated (minutes at GPT-2 XL size). A layer that
+    fails stops the stage before anything of it is computed; layers before it are kept, as after
+    any interrupted run. Layers with no stored rows are left to the asset (it says what to
+    materialize first)."""
 
-    sequences = read_table(lake, "corpus_tokens", columns=["sequence_id"]).height or None
-    params = QualityParams.from_settings(settings, corpus_sequences=sequences)
-    metadata: dict = {"upstream": upstream, "layers": str(layers), "rows": 0}
-    reports = []
-    # One layer at a time: memory holds one layer of the upstream table, whatever the run's size.
-    for layer in layers:
-        frame = read_table(lake, upstream, where={"layer": str(layer)})
-        if frame.is_empty():
-            continue
-        report = validate_table(upstream, frame, params)
-        del frame
-        reports.append(report)
-        if not report.success:
-            metadata.update(_report_metadata(report), rows=report.rows, layer=str(layer))
-            yield dg.AssetCheckResult(
-                asset_key=table,
-                check_name=UPSTREAM_CHECK_NAME,
-                passed=False,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata=metadata,
-            )
-            raise dg.Failure(
-                description=f"data quality: the stored {upstream} rows of layer {layer} fail their suite, "
-                f"so {table} was not computed: {report.summary()}. Re-materialize {upstream} for this layer."
-            )
-    if not reports:
-        metadata["summary"] = f"{upstream}: no stored rows for layers {layers}"
-        return dg.AssetCheckResult(asset_key=table, check_name=UPSTREAM_CHECK_NAME, passed=True, metadata=metadata)
-    combined = combine_reports(upstream, reports)
-    metadata.update(_report_metadata(combined), rows=combined.rows)
-    return dg.AssetCheckResult(
-        asset_key=table, check_name=UPSTREAM_CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata
-    )
+    def __init__(self, table: str, upstream: str, lake, settings):
+        from neuron_pipeline.lake import read_table
+
+        self.table, self.upstream, self.lake = table, upstream, lake
+        sequences = read_table(lake, "corpus_tokens", columns=["sequence_id"]).height or None
+        self.params = QualityParams.from_settings(settings, corpus_sequences=sequences)
+        self._reports: list[QualityReport] = []
+        self._checked: set[int] = set()
+        self._lock = threading.Lock()  # check() may run on a prefetch thread
+
+    def check(self, layer: int) -> None:
+        from neuron_pipeline.lake import read_table
+
+        with self._lock:
+            if layer in self._checked:
+                return
+            # One layer at a time: memory holds one layer of the upstream table, whatever the run's size.
+            frame = read_table(self.lake, self.upstream, where={"layer": str(layer)})
+            self._checked.add(layer)
+            if frame.is_empty():
+                return
+            report = validate_table(self.upstream, frame, self.params)
+            del frame
+            if report.success:
+                self._reports.append(report)
+                return
+        metadata = {"upstream": self.upstream, "layers": str(sorted(self._checked)), **_report_metadata(report),
+                    "rows": report.rows, "layer": str(layer)}  # fmt: skip
+        raise QualityGateFailed(
+            dg.AssetCheckResult(
+                asset_key=self.table, check_name=UPSTREAM_CHECK_NAME, passed=False,
+                severity=dg.AssetCheckSeverity.ERROR, metadata=metadata,
+            ),
+            dg.Failure(
+                description=f"data quality: the stored {self.upstream} rows of layer {layer} fail their suite, "
+                f"so {self.table} was not computed for it: {report.summary()}. Re-materialize {self.upstream} for this layer."
+            ),
+        )
+
+    def result(self, layers: list[int]) -> dg.AssetCheckResult:
+        """The passing check result over ``layers`` (any not checked yet are checked now)."""
+        for layer in layers:
+            self.check(layer)
+        metadata: dict = {"upstream": self.upstream, "layers": str(layers), "rows": 0}
+        if not self._reports:
+            metadata["summary"] = f"{self.upstream}: no stored rows for layers {layers}"
+            return dg.AssetCheckResult(asset_key=self.table, check_name=UPSTREAM_CHECK_NAME, passed=True, metadata=metadata)
+        combined = combine_reports(self.upstream, self._reports)
+        metadata.update(_report_metadata(combined), rows=combined.rows)
+        return dg.AssetCheckResult(
+            asset_key=self.table, check_name=UPSTREAM_CHECK_NAME, passed=True, severity=dg.AssetCheckSeverity.ERROR,
+            metadata=metadata,
+        )
+
+
+def gate_upstream(table: str, upstream: str, lake, layers: list[int], settings):
+    """Validate the stored upstream rows this asset is about to read, every layer before the
+    asset starts (``UpstreamGate`` for one layer at a time). Yields a failing check result and
+    raises if they are corrupt; returns the passing result for the final yield, as
+    ``upstream_result = yield from gate_upstream(...)``."""
+    gate = UpstreamGate(table, upstream, lake, settings)
+    try:
+        return gate.result(layers)
+    except QualityGateFailed as failed:
+        yield failed.result
+        raise failed.failure from None

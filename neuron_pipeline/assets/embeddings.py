@@ -1,21 +1,29 @@
-"""Stage 3b: every explanation embedded (all-MiniLM-L6-v2) for search by meaning.
+"""Stage 3b: every explanation embedded (all-MiniLM-L6-v2) for search by meaning, one layer at a time.
 
 Incremental: an explanation whose text is unchanged keeps its stored vector, so a changed
 explanation re-embeds only itself.
 """
 
-import polars as pl
-
 import dagster as dg
 
 from data_quality import QualityParams
-from neuron_pipeline.assets.checks import CHECK_NAME, check_result, gate, gate_upstream, quality_check_spec, upstream_check_spec
-from neuron_pipeline.assets.metadata import lake_metadata, publish_layers
+from neuron_pipeline.assets.checks import (
+    CHECK_NAME,
+    QualityGateFailed,
+    UpstreamGate,
+    check_result,
+    check_rows,
+    combine_reports,
+    quality_check_spec,
+    upstream_check_spec,
+)
+from neuron_pipeline.assets.metadata import lake_metadata, publish_layer
 from neuron_pipeline.assets.partitions import layers_of
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, write_table
 from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, embedding_rows
 from neuron_pipeline.llm.embeddings import EMBEDDING_MODEL
+from neuron_pipeline.memory import release_memory
 
 
 def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -37,33 +45,51 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     def explanation_embeddings(context: dg.AssetExecutionContext, pipeline: PipelineSettingsResource):
         lake = pipeline.lake
         layers = layers_of(context)
-        run_layers = [str(layer) for layer in layers]
-        upstream = yield from gate_upstream(EMBEDDINGS_TABLE, "explanations", lake, layers, pipeline.settings)
-        explanations = read_table(lake, "explanations", where={"layer": run_layers})
-        existing = read_table(lake, EMBEDDINGS_TABLE, where={"layer": run_layers})
+        params = QualityParams.from_settings(pipeline.settings)
+        upstream_gate = UpstreamGate(EMBEDDINGS_TABLE, "explanations", lake, pipeline.settings)
 
         def embed(texts):
             from neuron_pipeline.llm.embeddings import load_embedder
 
             return load_embedder().embed(texts)
 
-        if explanations.is_empty():
+        # One layer at a time (read, embed, validate, write, let go): memory holds one layer's
+        # explanations and vectors, whatever the number of layers in the run.
+        if read_table(lake, "explanations", where={"layer": [str(layer) for layer in layers]}, columns=["layer"]).is_empty():
             raise ValueError(f"no explanations for layers {layers}: materialize explanations first")
-        rows, embedded = embedding_rows(explanations, existing, embed, EMBEDDING_MODEL)
-        if rows.is_empty():  # every explanation failed: nothing to search, and no stale vector kept
+        totals = {"rows": 0, "newly_embedded": 0}
+        reports = []
+        try:
+            for layer in layers:
+                upstream_gate.check(layer)
+                explanations = read_table(lake, "explanations", where={"layer": str(layer)})
+                existing = read_table(lake, EMBEDDINGS_TABLE, where={"layer": str(layer)})
+                rows, embedded = embedding_rows(explanations, existing, embed, EMBEDDING_MODEL)
+                del explanations, existing
+                # An empty layer (every explanation failed) is written too: no stale vector is kept.
+                reports.append(check_rows(EMBEDDINGS_TABLE, rows, params, skip_empty=True))
+                write_table(lake, EMBEDDINGS_TABLE, rows, replace_where={"layer": str(layer)})
+                publish_layer(context, EMBEDDINGS_TABLE, layer, rows)
+                totals["rows"] += rows.height
+                totals["newly_embedded"] += embedded
+                del rows
+                release_memory()
+            upstream = upstream_gate.result(layers)
+        except QualityGateFailed as failed:
+            yield failed.result
+            raise failed.failure from None
+        if any(reports):
+            check = check_result(combine_reports(EMBEDDINGS_TABLE, reports))
+        else:  # every explanation failed: nothing to search
             check = dg.AssetCheckResult(
                 check_name=CHECK_NAME, passed=True, metadata={"summary": "no successful explanation to embed"}
             )
-        else:
-            check = check_result((yield from gate(EMBEDDINGS_TABLE, rows, QualityParams.from_settings(pipeline.settings))))
-        write_table(lake, EMBEDDINGS_TABLE, rows, replace_where={"layer": run_layers})
-        context.log.info(f"embeddings: {rows.height} explanations, {embedded} newly embedded")
-        publish_layers(context, EMBEDDINGS_TABLE, rows)
+        context.log.info(f"embeddings: {totals['rows']} explanations, {totals['newly_embedded']} newly embedded")
         yield dg.MaterializeResult(
             check_results=[check, upstream],
             metadata={
-                "rows": rows.height,
-                "newly_embedded": embedded,
+                "rows": totals["rows"],
+                "newly_embedded": totals["newly_embedded"],
                 "embedding_model": EMBEDDING_MODEL,
                 **lake_metadata(lake, EMBEDDINGS_TABLE),
             },

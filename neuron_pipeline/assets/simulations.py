@@ -15,7 +15,7 @@ from neuron_pipeline.assets.checks import (
     check_rows,
     gate,
     combine_reports,
-    gate_upstream,
+    UpstreamGate,
     quality_check_spec,
     upstream_check_spec,
 )
@@ -199,7 +199,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
     ):
         settings, lake = pipeline.settings, pipeline.lake
         layers = layers_of(context)
-        upstream = yield from gate_upstream("simulations", "explanations", lake, layers, settings)
+        # Each layer's stored explanations are validated as the layer is planned, ahead of the window.
+        upstream_gate = UpstreamGate("simulations", "explanations", lake, settings)
         explainer_ids = [explainer.explainer_id for _, explainer in llm.explainers()]
         neurons_of = {layer: layer_neurons(lake, layer) for layer in layers}
         params = QualityParams.from_settings(settings)
@@ -220,6 +221,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                                  for layer in simulator_layers}  # fmt: skip
 
                     def load(layer, simulator=simulator, explainer_id=explainer_id, wanted_of=wanted_of):
+                        upstream_gate.check(layer)
                         wanted = wanted_of[layer]
                         explanations = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer_id})
                         explanations = explanations.filter(pl.col("neuron").is_in(wanted))
@@ -254,6 +256,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                             simulator, simulator_layers, load, settings.records, flush,
                             workers=llm_workers(simulator_settings), progress=bar.update,
                         )
+            upstream = upstream_gate.result(layers)  # layers no simulator read are validated too
         except QualityGateFailed as failed:
             yield failed.result
             raise failed.failure from None
