@@ -69,7 +69,8 @@ class EvaluationRow:
 def _prompt_label(explainer: ExplainerSettings | None, simulator: SimulatorSettings | None, simulator_obj=None) -> str:
     parts = []
     if explainer is not None:
-        parts.append("baseline" if explainer.backend == "baseline" else explainer.prompt)
+        variant = (f" · best-of-{explainer.best_of}" if explainer.best_of > 1 else "") + (" · revised" if explainer.revise else "")
+        parts.append("baseline" if explainer.backend == "baseline" else explainer.prompt + variant)
     if simulator is not None:
         template = getattr(getattr(simulator_obj, "template", None), "name", None)
         parts.append("token lookup" if simulator.backend == "baseline" else (template or simulator.prompt or "?"))
@@ -174,6 +175,7 @@ def evaluate_planted(
 
         _LOADED_SUBJECTS.clear()  # the planting changed the loaded weights in place
     layers = sorted({p.layer for p in DEFAULT_PLANTS})
+    ranking = _ranking_simulators(settings, explainers)
     run_settings = {
         "subject": {**settings.subject.model_dump(), "model": str(folder)},
         "corpus": corpus.model_dump(),
@@ -181,7 +183,9 @@ def evaluate_planted(
         "layers": ",".join(map(str, layers)),
         "neurons": ",".join(str(p.neuron) for p in DEFAULT_PLANTS),
         "explainers": [{**e.model_dump(), "layers": "all", "neurons": "all"} for e in explainers],
-        "simulators": [{"backend": "baseline"}],
+        # Best-of-n and revision rank their candidates with the run's first LLM simulator: the
+        # evaluation's own, when an explainer needs one (the token look-up cannot judge prose).
+        "simulators": [s.model_dump() for s in ranking] or [{"backend": "baseline"}],
         "scorers": [],  # the checks read records and explanations only; an LLM judge would add minutes
         "lake": str(work_dir / "planted_lake"),
     }
@@ -214,13 +218,17 @@ def evaluate_planted(
         )
     )
     say(f"planted_recovery: {recovery}")
+    from neuron_pipeline.llm import make_explainer, make_simulator
+
+    # The ids the run gave its explainers (best-of-n and revision ids name their ranker).
+    ranker = make_simulator(ranking[0]) if ranking else None
     for exp_settings in explainers:
+        explainer_id = make_explainer(exp_settings, None, ranker).explainer_id
         named, texts = {}, {}
         for p in DEFAULT_PLANTS:
             row = explanations.filter(
-                (pl.col("layer") == str(p.layer)) & (pl.col("neuron") == p.neuron)
-                & pl.col("explainer_model").str.contains(exp_settings.model_or_default if exp_settings.backend != "baseline" else "token-lookup", literal=True)
-            )  # fmt: skip
+                (pl.col("layer") == str(p.layer)) & (pl.col("neuron") == p.neuron) & (pl.col("explainer_id") == explainer_id)
+            )
             text = row["explanation"][0] if row.height else ""
             texts[p.name] = text
             named[p.name] = bool(text) and names_answer(text, p.answer_words)
@@ -233,6 +241,13 @@ def evaluate_planted(
         )
         say(f"planted_named {_model_label(exp_settings)}: {named} {texts}")
     return rows
+
+
+def _ranking_simulators(settings: Settings, explainers: Sequence[ExplainerSettings]) -> list[SimulatorSettings]:
+    """The first configured LLM simulator when an explainer ranks candidates (best-of-n, revision)."""
+    if not any(e.best_of > 1 or e.revise for e in explainers):
+        return []
+    return [s for s in settings.simulators if s.backend != "baseline"][:1]
 
 
 def machine_description() -> str:
@@ -259,7 +274,9 @@ def run_evaluation(
 
     cache = LLMCache(llm_cache_path(settings.lake_location))
     simulators = [(s, make_simulator(s, cache)) for s in settings.simulators]
-    explainers = [(e, make_explainer(e, cache)) for e in settings.explainers]
+    # Best-of-n and revision rank candidates with the first LLM simulator, as in a pipeline run.
+    ranker = next((sim for s, sim in simulators if s.backend != "baseline"), None)
+    explainers = [(e, make_explainer(e, cache, ranker)) for e in settings.explainers]
     rows = evaluate_puzzles(explainers, simulators, puzzles, say)
     if planted:
         with tempfile.TemporaryDirectory(prefix="planted-") as work:

@@ -176,3 +176,22 @@ def test_eval_writes_the_table_and_the_report(tmp_path):
     assert json.loads(baseline["details"])["named"] == 1.0  # the baseline lists the firing token itself
     text = report.read_text()
     assert "Simulators: do they prefer the true explanation?" in text and "smollm2-135m-instruct" in text
+
+
+def test_planted_best_of_is_ranked_by_the_evaluations_llm_simulator_and_labelled():
+    """A best-of-n (or revising) explainer in the planted run ranks its candidates with the first
+    LLM simulator of the evaluation, never the token look-up; its rows carry the variant."""
+    from neuron_pipeline.config import load_settings
+    from neuron_pipeline.evaluation import _prompt_label, _ranking_simulators
+
+    settings = load_settings(profile="demo", environ={}, overrides={
+        "explainers": [{"backend": "local", "model": "qwen2.5-coder-1.5b-instruct", "best_of": 4}],
+        "simulators": [{"backend": "baseline"}, {"backend": "local", "model": "qwen2.5-coder-1.5b-instruct"},
+                       {"backend": "local", "model": "smollm2-135m-instruct"}],
+    })  # fmt: skip
+    [ranker] = _ranking_simulators(settings, settings.explainers)
+    assert ranker.backend == "local" and ranker.model == "qwen2.5-coder-1.5b-instruct"
+    greedy = settings.explainers[0].model_copy(update={"best_of": 1})
+    assert _ranking_simulators(settings, [greedy]) == []  # nothing to rank: the token look-up stays
+    assert _prompt_label(settings.explainers[0], None) == "explainer_v2 · best-of-4"
+    assert _prompt_label(greedy, None) == "explainer_v2"

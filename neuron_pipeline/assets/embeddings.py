@@ -19,6 +19,7 @@ from neuron_pipeline.assets.checks import (
 )
 from neuron_pipeline.assets.metadata import lake_metadata, publish_layer
 from neuron_pipeline.assets.partitions import layers_of
+from neuron_pipeline.assets.progress import track
 from neuron_pipeline.assets.resources import PipelineSettingsResource
 from neuron_pipeline.lake import read_table, write_table
 from neuron_pipeline.lake.search import EMBEDDINGS_TABLE, embedding_rows
@@ -55,25 +56,29 @@ def build(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
 
         # One layer at a time (read, embed, validate, write, let go): memory holds one layer's
         # explanations and vectors, whatever the number of layers in the run.
-        if read_table(lake, "explanations", where={"layer": [str(layer) for layer in layers]}, columns=["layer"]).is_empty():
+        total = read_table(lake, "explanations", where={"layer": [str(layer) for layer in layers]}, columns=["layer"]).height
+        if not total:
             raise ValueError(f"no explanations for layers {layers}: materialize explanations first")
         totals = {"rows": 0, "newly_embedded": 0}
         reports = []
         try:
-            for layer in layers:
-                upstream_gate.check(layer)
-                explanations = read_table(lake, "explanations", where={"layer": str(layer)})
-                existing = read_table(lake, EMBEDDINGS_TABLE, where={"layer": str(layer)})
-                rows, embedded = embedding_rows(explanations, existing, embed, EMBEDDING_MODEL)
-                del explanations, existing
-                # An empty layer (every explanation failed) is written too: no stale vector is kept.
-                reports.append(check_rows(EMBEDDINGS_TABLE, rows, params, skip_empty=True))
-                write_table(lake, EMBEDDINGS_TABLE, rows, replace_where={"layer": str(layer)})
-                publish_layer(context, EMBEDDINGS_TABLE, layer, rows)
-                totals["rows"] += rows.height
-                totals["newly_embedded"] += embedded
-                del rows
-                release_memory()
+            with track(total=total, stage="explanation embeddings", layer=layers, unit="explanation") as bar:
+                for layer in layers:
+                    upstream_gate.check(layer)
+                    explanations = read_table(lake, "explanations", where={"layer": str(layer)})
+                    existing = read_table(lake, EMBEDDINGS_TABLE, where={"layer": str(layer)})
+                    rows, embedded = embedding_rows(explanations, existing, embed, EMBEDDING_MODEL)
+                    done = explanations.height  # failed explanations included: they are done too
+                    del explanations, existing
+                    # An empty layer (every explanation failed) is written too: no stale vector is kept.
+                    reports.append(check_rows(EMBEDDINGS_TABLE, rows, params, skip_empty=True))
+                    write_table(lake, EMBEDDINGS_TABLE, rows, replace_where={"layer": str(layer)})
+                    publish_layer(context, EMBEDDINGS_TABLE, layer, rows)
+                    totals["rows"] += rows.height
+                    totals["newly_embedded"] += embedded
+                    del rows
+                    bar.update(done)
+                    release_memory()
             upstream = upstream_gate.result(layers)
         except QualityGateFailed as failed:
             yield failed.result
