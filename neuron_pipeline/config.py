@@ -413,6 +413,22 @@ class Settings(_Section):
         return value
 
     @model_validator(mode="after")
+    def _llm_only_needs_an_llm_explainer(self) -> "Settings":
+        # A simulator or judge of LLM explanations only, with no LLM explainer, would do nothing
+        # and the run would still look complete.
+        if any(e.backend != "baseline" for e in self.explainers):
+            return self
+        entries = [("simulators", i, s) for i, s in enumerate(self.simulators)]
+        entries += [("scorers", i, s) for i, s in enumerate(self.scorers or [])]
+        for section, index, entry in entries:
+            if entry.explanations == "llm":
+                raise ValueError(
+                    f"{section}[{index}] has `explanations: llm` (LLM explanations only) but every explainer is the "
+                    "baseline, so it would judge nothing: add an LLM explainer or set `explanations: all`"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _volume_only_for_a_folder(self) -> "Settings":
         if self.platform.k8s.lake_volume_claim and self.lake_location.folder is None:
             raise ValueError(

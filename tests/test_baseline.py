@@ -325,3 +325,18 @@ def test_best_and_worst_rank_by_the_configured_baseline():
     assert Settings().baseline_tokens == 8
     custom = Settings.model_validate({"explainers": [{"backend": "baseline", "baseline_tokens": 3}]})
     assert custom.baseline_tokens == 3
+
+
+@pytest.mark.parametrize("section", ["simulators", "scorers"])
+def test_llm_only_entries_without_an_llm_explainer_are_refused(section):
+    """`explanations: llm` with only the baseline explainer would judge nothing while the run looks
+    complete: a config error naming the entry and the fix."""
+    from neuron_pipeline.config import Settings
+
+    local = {"backend": "local", "model": "qwen2.5-coder-0.5b-instruct", "explanations": "llm"}
+    entry = {**local, "method": "detection"} if section == "scorers" else local
+    with pytest.raises(ValueError, match=rf"{section}\[1\] has `explanations: llm`.*add an LLM explainer or set `explanations: all`"):
+        Settings.model_validate({"explainers": [{"backend": "baseline"}],
+                                 section: [{"backend": "baseline"} if section == "simulators" else {"method": "embedding"}, entry]})
+    # With an LLM explainer the same entry is fine.
+    Settings.model_validate({"explainers": [{"backend": "baseline"}, {"backend": "local"}], section: [entry]})

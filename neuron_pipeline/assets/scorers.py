@@ -153,13 +153,6 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         scorer_ids = [scorer.scorer_id for _, scorer in scorers]
         params = QualityParams.from_settings(settings)
         reports, scored_anew, usd_in_layers = [], 0, 0.0
-        if not any(not is_baseline_id(e) for e in explainer_ids):
-            for scorer_settings, scorer in scorers:
-                if scorer_settings.explanations == "llm":
-                    context.log.warning(
-                        f"scorer {scorer.scorer_id} judges only LLM explanations (explanations: llm) and no LLM "
-                        "explainer is configured: it judges nothing; set `explanations: all` or add an LLM explainer"
-                    )
         try:
             # Layer by layer: one layer's records and results in memory, validated and written
             # before the next layer is read (a whole model's records would not fit).
