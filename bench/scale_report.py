@@ -67,6 +67,12 @@ def _extrapolation(results: dict) -> list[str]:
         )
     elif rates:
         lines.append(f"Rates on these 2 cores: {rates}.")
+    if run.get("resumed_from"):
+        lines.append(
+            f"The first run was stopped at the start of {run['resumed_from']}; the stages from it on were finished by "
+            "`python -m bench.scale_bench ... --resume-from` (one Dagster range run over the stored lake, as from the UI), "
+            "so their peaks are a new process's own: the weights and the capture's state are not in them."
+        )
     lines.append(
         f"The paper's corpus (its records came from ~1M+ sequences): the capture's kept state does not grow with the "
         f"corpus past the quantile sample ({fmt_bytes(paper)} per layer at 1M sequences), the forward pass grows "
@@ -148,10 +154,30 @@ def write(block: str, path: Path = REPO / "BENCHMARKS.md") -> None:
     path.write_text(text)
 
 
+def _run_stages(section, run_stages) -> None:
+    """The stage-level API bench (`bench/stages_bench.py`) into ``STAGES_DIR/section.json``, with
+    the machine's load before and after (the figures are only as good as the machine is quiet)."""
+    started, start = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), _load()
+    run_stages(section, STAGES_DIR, concurrencies=(64, 256), latency_s=1.0, waves=15)
+    section.notes.append(
+        f"Stage bench run {started}-{time.strftime('%H:%M', time.gmtime())} UTC, load average (1/5/15 min) {start} at start, "
+        f"{_load()} at end."
+    )
+    (STAGES_DIR / "section.json").write_text(
+        json.dumps({"rows": [r.__dict__ for r in section.rows], "tables": section.tables, "notes": section.notes, "data": section.data})
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale_report", description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="run the whole-model and stage benches first")
+    parser.add_argument("--stages", action="store_true", help="run only the stage-level API bench first (the whole-model results are kept)")
     args = parser.parse_args(argv)
+    if args.stages and not args.run:
+        from bench.common import Section
+        from bench.stages_bench import run_stages
+
+        _run_stages(Section("stages", "stages"), run_stages)
     if args.run:
         from bench.common import Section
         from bench.scale_bench import main as scale_main
@@ -163,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         scale_main(["smollm2:0-29", "smollm2:0-9", "--out", str(SCALE_DIR)])
         # Every GPT-2 XL neuron (48 x 6,400): hours on 2 cores; a stopped run keeps its finished stages.
         scale_main(["gpt2xl:0-47:128", "--out", str(SCALE_DIR)])
-        section = Section("stages", "stages")
-        run_stages(section, STAGES_DIR, concurrencies=(64, 256), latency_s=1.0, waves=15)
-        (STAGES_DIR / "section.json").write_text(
-            json.dumps({"rows": [r.__dict__ for r in section.rows], "tables": section.tables, "notes": section.notes, "data": section.data})
-        )
+        _run_stages(Section("stages", "stages"), run_stages)
         load.update(ended=time.strftime("%H:%M", time.gmtime()), end=_load())
         (SCALE_DIR / "load.json").write_text(json.dumps(load))
     results_path, stages_path = SCALE_DIR / "results.json", STAGES_DIR / "section.json"
