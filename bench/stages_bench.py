@@ -90,6 +90,22 @@ def _step_windows(home: Path) -> dict[str, tuple[float, float]]:
     return windows
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _cpu_between(samples: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """CPU seconds spent between wall times ``lo`` and ``hi`` (from the nearest samples)."""
+    inside = [cpu for t, cpu in samples if lo <= t <= hi]
+    return max(inside) - min(inside) if len(inside) >= 2 else 0.0
+
+
 def utilization(intervals: list[tuple[float, float]], window: tuple[float, float], concurrency: int) -> float:
     """Requests in flight integrated over ``window`` / (window length x concurrency)."""
     lo, hi = window
@@ -111,13 +127,20 @@ def run_one(tmp: Path, concurrency: int, scenario: tuple, latency_s: float, wave
         env = {**os.environ, "NP_BENCH_KEY": "sk-bench", "DAGSTER_HOME": str(folder / "dagster"), "PYTHONPATH": str(REPO)}
         (folder / "dagster").mkdir(exist_ok=True)
         started = time.perf_counter()
-        out = subprocess.run(
+        log = open(folder / "cli.log", "w+")
+        process = subprocess.Popen(
             [sys.executable, "-m", "neuron_pipeline.cli", "run", "--config", str(config), "--lake", str(folder / "lake")],
-            capture_output=True, text=True, env=env, cwd=folder, timeout=3600,
+            stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=folder,
         )
+        cpu_samples = []  # (wall time, CPU seconds of the CLI process): its CPU per request per stage
+        while process.poll() is None:
+            cpu_samples.append((time.time(), _cpu_seconds(process.pid)))
+            time.sleep(0.25)
         wall = time.perf_counter() - started
-        if out.returncode != 0:
-            raise RuntimeError(f"{name} c{concurrency}: exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}")
+        log.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"{name} c{concurrency}: exit {process.returncode}: {log.read().strip().splitlines()[-1:]}")
+        log.close()
         intervals = [(r.t_arrival + offset, r.t_end + offset) for r in fake.requests if r.method == "POST" and r.t_end]
     windows = _step_windows(folder / "dagster")
     result = {"scenario": name, "concurrency": concurrency, "latency_s": latency_s, "cli_wall_s": wall, **sizes, "stages": {}}
@@ -127,9 +150,14 @@ def run_one(tmp: Path, concurrency: int, scenario: tuple, latency_s: float, wave
             continue
         inside = [(s, e) for s, e in intervals if s >= window[0] - 0.5 and e <= window[1] + 0.5]
         llm = (min(s for s, _ in inside), max(e for _, e in inside)) if inside else window
+        cpu = _cpu_between(cpu_samples, *llm)
         result["stages"][stage] = {
             "wall_s": window[1] - window[0],
             "requests": len(inside),
+            # The CLI process's CPU (all threads) over the LLM window, per request and in cores:
+            # with one GIL, what one process can feed is about 1 / (GIL-held CPU per request).
+            "cpu_ms_per_request": 1000 * cpu / max(len(inside), 1),
+            "cpu_cores": cpu / max(llm[1] - llm[0], 1e-9),
             "utilization": utilization(inside, window, concurrency),
             "llm_window_s": llm[1] - llm[0],
             "llm_window_utilization": utilization(inside, llm, concurrency),
@@ -155,12 +183,12 @@ def run_stages(section: Section, tmp: Path, concurrencies=(64, 256), latency_s: 
                     figures["utilization"] >= 0.90,
                     note=f"{figures['requests']} requests in {figures['wall_s']:.1f} s",
                 )
-    table = ["| mode | concurrency | stage | requests | step wall | in flight / concurrency (step) | LLM window | in flight / concurrency (LLM window) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| mode | concurrency | stage | requests | step wall | in flight / concurrency (step) | LLM window | in flight / concurrency (LLM window) | CLI CPU per request (cores) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, concurrency, stage, f in rows:
         table.append(
             f"| {name} | {concurrency} | {stage} | {f['requests']:,} | {f['wall_s']:.1f} s | {f['utilization']:.2f} | "
-            f"{f['llm_window_s']:.1f} s | {f['llm_window_utilization']:.2f} |"
+            f"{f['llm_window_s']:.1f} s | {f['llm_window_utilization']:.2f} | {f['cpu_ms_per_request']:.1f} ms ({f['cpu_cores']:.2f}) |"
         )
     section.tables.append("\n".join(table))
     section.notes.append(
