@@ -303,10 +303,9 @@ def test_a_corrupted_upstream_table_stops_downstream_assets(materialized, tmp_pa
     assert {t: open_table(lake, t).version() for t in jobs.EXPLAIN_ASSETS} == versions_before  # nothing written
 
 
-def test_the_upstream_gate_checks_each_layer_as_it_is_read(materialized, tmp_path):
-    """The upstream gate runs layer by layer, as each layer is planned (ahead of an API window):
-    a corrupt layer 1 stops the explanations step with the check naming layer 1, nothing of layer
-    1 is written, and nothing downstream runs; layer 0, validated and computed first, is kept."""
+def test_the_upstream_gate_names_the_corrupt_layer_of_a_range(materialized, tmp_path):
+    """Over layers 0-1 with layer 1 corrupt: the explanations step stops with the check naming
+    layer 1, nothing of layer 1 is written, nothing downstream runs, and layer 0's rows stay."""
     home, lake = _clone(materialized, tmp_path)
     settings = small_settings(lake, layers="0-1")
     defs = build_definitions(settings)

@@ -114,13 +114,13 @@ def upstream_check_spec(table: str, upstream: str) -> dg.AssetCheckSpec:
 
 class UpstreamGate:
     """The upstream gate of one asset run, one layer at a time: ``check(layer)`` validates the
-    stored ``upstream`` rows of a layer right before the asset reads them and raises
-    ``QualityGateFailed`` if they are corrupt; ``result()`` is the passing check result once every
-    layer was checked. An LLM stage calls ``check`` as it plans each layer, ahead of the request
-    window, so the gate of layer k+1 overlaps with layer k's calls in flight instead of holding
-    back the first request until every layer is validated (minutes at GPT-2 XL size). A layer that
-    fails stops the stage before anything of it is computed; layers before it are kept, as after
-    any interrupted run. Layers with no stored rows are left to the asset (it says what to
+    stored ``upstream`` rows of a layer and raises ``QualityGateFailed`` if they are corrupt;
+    ``result()`` is the passing check result once every layer was checked. A stage that walks its
+    layers on the calling thread (the embeddings) checks each layer right before reading it, so a
+    corrupt layer stops it before anything of that layer is computed (layers before it are kept,
+    as after any interrupted run). The API stages validate every layer first (``gate_upstream``):
+    checking a layer on their prefetch thread while calls are in flight showed no clear gain (their
+    utilization is bound by their own CPU per request; BENCHMARKS.md). Layers with no stored rows are left to the asset (it says what to
     materialize first)."""
 
     def __init__(self, table: str, upstream: str, lake, settings):
