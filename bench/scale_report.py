@@ -163,6 +163,11 @@ def _run_stages(section, run_stages) -> None:
         f"Stage bench run {started}-{time.strftime('%H:%M', time.gmtime())} UTC, load average (1/5/15 min) {start} at start, "
         f"{_load()} at end."
     )
+    _write_stages(section)
+
+
+def _write_stages(section) -> None:
+    STAGES_DIR.mkdir(parents=True, exist_ok=True)
     (STAGES_DIR / "section.json").write_text(
         json.dumps({"rows": [r.__dict__ for r in section.rows], "tables": section.tables, "notes": section.notes, "data": section.data})
     )
@@ -172,7 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale_report", description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="store_true", help="run the whole-model and stage benches first")
     parser.add_argument("--stages", action="store_true", help="run only the stage-level API bench first (the whole-model results are kept)")
+    parser.add_argument("--stages-log", type=Path, help="build the stage section from a stopped stage bench's output (its printed runs)")
     args = parser.parse_args(argv)
+    if args.stages_log:
+        from bench.common import Section
+        from bench.stages_bench import stages_section
+
+        runs = [json.loads(line) for line in args.stages_log.read_text().splitlines() if line.startswith('{"scenario"')]
+        section = Section("stages", "stages")
+        stages_section(section, runs, latency_s=1.0, waves=15)
+        section.notes.append(f"The bench was stopped after {len(runs)} of its 8 runs (the session's time); the rest are not in this table.")
+        _write_stages(section)
     if args.stages and not args.run:
         from bench.common import Section
         from bench.stages_bench import run_stages

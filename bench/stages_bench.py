@@ -167,22 +167,31 @@ def run_one(tmp: Path, concurrency: int, scenario: tuple, latency_s: float, wave
 
 def run_stages(section: Section, tmp: Path, concurrencies=(64, 256), latency_s: float = 1.0, waves: int = 30,
                scenarios=SCENARIOS) -> None:
-    rows = []
+    results = []
     for concurrency in concurrencies:
         for scenario in scenarios:
             print(f"[bench] stages: {scenario[0]} at concurrency {concurrency} ...", flush=True)
             result = run_one(tmp, concurrency, scenario, latency_s, waves)
-            section.data.setdefault("runs", []).append(result)
+            results.append(result)
             print(json.dumps(result), flush=True)
-            for stage, figures in result["stages"].items():
-                rows.append((scenario[0], concurrency, stage, figures))
-                section.add(
-                    f"{stage}, {scenario[0]}, concurrency {concurrency}",
-                    f"{figures['utilization']:.2f}",
-                    ">= 0.90",
-                    figures["utilization"] >= 0.90,
-                    note=f"{figures['requests']} requests in {figures['wall_s']:.1f} s",
-                )
+    stages_section(section, results, latency_s, waves)
+
+
+def stages_section(section: Section, results: list[dict], latency_s: float, waves: int) -> None:
+    """The stage bench's rows, table and notes from its runs' results (also from a stopped
+    bench's printed results)."""
+    rows = []
+    for result in results:
+        section.data.setdefault("runs", []).append(result)
+        for stage, figures in result["stages"].items():
+            rows.append((result["scenario"], result["concurrency"], stage, figures))
+            section.add(
+                f"{stage}, {result['scenario']}, concurrency {result['concurrency']}",
+                f"{figures['utilization']:.2f}",
+                ">= 0.90",
+                figures["utilization"] >= 0.90,
+                note=f"{figures['requests']} requests in {figures['wall_s']:.1f} s",
+            )
     table = ["| mode | concurrency | stage | requests | step wall | in flight / concurrency (step) | LLM window | in flight / concurrency (LLM window) | CLI CPU per request (cores) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, concurrency, stage, f in rows:
