@@ -69,9 +69,10 @@ def _extrapolation(results: dict) -> list[str]:
         lines.append(f"Rates on these 2 cores: {rates}.")
     if run.get("resumed_from"):
         lines.append(
-            f"The first run was stopped at the start of {run['resumed_from']}; the stages from it on were finished by "
+            f"The first run was stopped at the start of {run['resumed_from']}; the stages from it on were continued by "
             "`python -m bench.scale_bench ... --resume-from` (one Dagster range run over the stored lake, as from the UI), "
-            "so their peaks are a new process's own: the weights and the capture's state are not in them."
+            "so their peaks are a new process's own (the weights and the capture's state are not in them) and the wall "
+            "column adds both runs (with any pause between them)."
         )
     lines.append(
         f"The paper's corpus (its records came from ~1M+ sequences): the capture's kept state does not grow with the "
