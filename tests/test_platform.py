@@ -271,17 +271,23 @@ def test_two_gpu_steps_in_one_run_never_overlap_under_a_pool_limit_of_1(tmp_path
 # --------------------------------------------------------------------------- quality gates
 
 
+def _corrupt_records(lake, layer: str) -> None:
+    """Rewrite a layer's activation_records outside the pipeline (bypassing its gate) so that
+    they fail their suite: negative maxima on the top excerpts."""
+    records = read_table(lake, "activation_records", where={"layer": layer})
+    bad = records.with_columns(
+        max_activation=pl.when(pl.col("kind") == "top").then(-pl.col("max_activation")).otherwise(pl.col("max_activation"))
+    )
+    write_table(lake, "activation_records", bad, replace_where={"layer": layer})
+
+
 def test_a_corrupted_upstream_table_stops_downstream_assets(materialized, tmp_path):
     """activation_records rewritten outside the pipeline (bypassing its gate): the explain job
     fails its upstream gate before computing anything, and nothing after it runs."""
     home, lake = _clone(materialized, tmp_path)
     settings = small_settings(lake, layers="0-1")
     defs = build_definitions(settings)
-    records = read_table(lake, "activation_records", where={"layer": "0"})
-    bad = records.with_columns(
-        max_activation=pl.when(pl.col("kind") == "top").then(-pl.col("max_activation")).otherwise(pl.col("max_activation"))
-    )
-    write_table(lake, "activation_records", bad, replace_where={"layer": "0"})
+    _corrupt_records(lake, "0")
     versions_before = {t: open_table(lake, t).version() for t in jobs.EXPLAIN_ASSETS}
 
     with _instance(home) as instance:
@@ -309,11 +315,7 @@ def test_the_upstream_gate_names_the_corrupt_layer_of_a_range(materialized, tmp_
     home, lake = _clone(materialized, tmp_path)
     settings = small_settings(lake, layers="0-1")
     defs = build_definitions(settings)
-    records = read_table(lake, "activation_records", where={"layer": "1"})
-    bad = records.with_columns(
-        max_activation=pl.when(pl.col("kind") == "top").then(-pl.col("max_activation")).otherwise(pl.col("max_activation"))
-    )
-    write_table(lake, "activation_records", bad, replace_where={"layer": "1"})
+    _corrupt_records(lake, "1")
     layer_1_before = read_table(lake, "explanations", where={"layer": "1"}).sort("neuron", "explainer_id")
     embeddings_before = open_table(lake, "explanation_embeddings").version()
 
