@@ -140,6 +140,18 @@ def render(results: dict, stages: dict | None) -> str:
         out.extend(t + "\n" for t in stages["tables"])
         out.extend(f"- {n}" for n in stages["notes"])
         out.append("")
+    cpu_file = STAGES_DIR / "request_cpu.json"
+    if cpu_file.is_file():
+        from bench.request_cpu import table as cpu_table
+
+        cpu = json.loads(cpu_file.read_text())
+        out.append("### Where an API stage's CPU goes\n")
+        out.append(
+            f"`python -m bench.request_cpu` ({cpu['when']} UTC): the Python work of one explanation request, part by part, "
+            f"on {cpu['neurons']} neurons of the stage bench's lake (bundled SmolLM2); CPU time of one process, best of "
+            "alternated repetitions, the garbage collector paused:\n"
+        )
+        out.append(cpu_table(cpu) + "\n")
     if stage_notes and stages:
         out.append(stage_notes + "\n")
     out.append(END)

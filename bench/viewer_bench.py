@@ -72,7 +72,8 @@ def open_times(out: Path, layer: str, neurons: list[int], reps: int = 3) -> dict
 
         layer_dir = out / f"layer_{layer}"
         for _ in range(reps):
-            measure("index", (out / "index.html").as_uri(), "document.querySelectorAll('table').length > 0")
+            if (out / "index.html").is_file():  # written last: a build still running has its layers only
+                measure("index", (out / "index.html").as_uri(), "document.querySelectorAll('table').length > 0")
             measure("layer page", (layer_dir / "index.html").as_uri(), "document.querySelectorAll('#neurons tbody tr').length > 0")
             for neuron in neurons:
                 measure("neuron page", (layer_dir / "neuron.html").as_uri() + f"#{neuron}",

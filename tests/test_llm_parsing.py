@@ -119,7 +119,7 @@ def test_llm_explainer_records_errors_instead_of_raising():
     assert " cat\t10" in user and " dog\t5" in user
 
 
-def test_explainer_v2_shows_marked_text_and_strongest_tokens_without_prefill():
+def test_the_default_explainer_shows_marked_text_and_strongest_tokens_without_prefill():
     model = _ScriptedChat([ChatResponse(("The main thing this neuron does is find cats and dogs.",), 100, 5)])
     explanation = LLMExplainer(model).explain(RECORDS + [ActivationRecord((" cat", " sat"), (2.0, 0.5))])
     # An answer that repeats the sentence's start is parsed back to the phrase.

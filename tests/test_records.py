@@ -204,3 +204,25 @@ def test_neuron_records_from_typed_lake_frame():
 
 def test_neuron_records_from_no_rows():
     assert neuron_records_from_rows([]) == {}
+
+
+def test_record_chunks_read_only_the_kinds_asked_for(tmp_path):
+    from neuron_pipeline.assets.layered import record_chunks
+    from neuron_pipeline.lake import write_table
+
+    def row(neuron, kind, rank, value):
+        return {"model": "m", "layer": "0", "neuron": neuron, "kind": kind, "rank": rank,
+                "quantile_bin": 0 if kind == "quantile" else None, "sequence_id": rank,
+                "tokens": ["a", "b"], "activations": [value, 0.0], "max_activation": value}  # fmt: skip
+
+    rows = [row(n, kind, rank, float(10 - rank)) for n in range(3) for kind in ("top", "random", "quantile") for rank in range(4)]
+    write_table(tmp_path, "activation_records", rows, replace_where={"layer": "0"})
+    both = {n: r for chunk in record_chunks(tmp_path, 0, [0, 1, 2], chunk=2) for n, r in chunk.items()}
+    top = {n: r for chunk in record_chunks(tmp_path, 0, [0, 2], kinds=("top",)) for n, r in chunk.items()}
+    assert sorted(both) == [0, 1, 2] and sorted(top) == [0, 2]
+    # The default (explaining and simulating): top and random in rank order, no quantile rows.
+    assert [r.activations[0] for r in both[1].top] == [10.0, 9.0, 8.0, 7.0] and len(both[1].random) == 4
+    assert both[1].quantile == {}
+    assert len(top[2].top) == 4 and top[2].random == [] and top[2].quantile == {}
+    # The records a plain explainer sees are the same whichever kinds were read.
+    assert split_records(top[2], 2, 2, 2).explain == split_records(both[2], 2, 2, 2).explain

@@ -297,7 +297,7 @@ def test_corpus_text_cannot_break_out_of_the_prompt_format(secured_run):
     for post in accepted:
         if "messages" in post.body:
             user = [m["content"] for m in post.body["messages"] if m["role"] == "user"][-1]
-            if "Rewrite the" not in user and "\n\nStrongest tokens: " in user:  # explainer_v2, the default
+            if "Rewrite the" not in user and "\n\nStrongest tokens: " in user:  # explainer_v2 and v3 (the default)
                 lines = _check_highlighted_prompt(user, texts, corpus_tokens)
                 checked["explainer_excerpts"] += lines
                 checked["lines"] += lines

@@ -296,7 +296,10 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                     wanted = wanted_of[layer]
                     existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
                     outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
-                    return record_chunks(lake, layer, wanted), existing, outputs
+                    # A plain explainer reads its top excerpts only; one that chooses among
+                    # candidates or contrasts (explain_splits) also the random ones.
+                    kinds = ("top", "random") if hasattr(explainer, "explain_splits") else ("top",)
+                    return record_chunks(lake, layer, wanted, kinds=kinds), existing, outputs
 
                 def flush(layer, frame, explainer=explainer):
                     nonlocal usd_in_layers

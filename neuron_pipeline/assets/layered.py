@@ -40,12 +40,18 @@ def layer_neurons(lake, layer: int) -> list[int]:
     return sorted(frame["neuron"].unique().to_list())
 
 
-def record_chunks(lake, layer: int, neurons: list[int], chunk: int = NEURON_CHUNK) -> Iterator[dict[int, NeuronRecord]]:
-    """The neurons' records, ``chunk`` neurons per read (the table is sorted by neuron in row
-    groups, so each read touches only its neurons' row groups)."""
+def record_chunks(
+    lake, layer: int, neurons: list[int], chunk: int = NEURON_CHUNK, kinds: tuple[str, ...] = ("top", "random")
+) -> Iterator[dict[int, NeuronRecord]]:
+    """The neurons' records of the given kinds, ``chunk`` neurons per read (the table is sorted by
+    neuron in row groups, so each read touches only its neurons' row groups). Explaining and
+    simulating use the top and random excerpts (a plain explainer only the top ones), not the
+    quantile ones: turning rows into Python objects is the largest share of an API stage's CPU
+    per neuron (BENCHMARKS.md, "Where an API stage's CPU goes"), so rows nobody reads are left in
+    the lake."""
     for start in range(0, len(neurons), chunk):
         part = neurons[start : start + chunk]
-        rows = read_table(lake, "activation_records", where={"layer": str(layer), "neuron": part})
+        rows = read_table(lake, "activation_records", where={"layer": str(layer), "neuron": part, "kind": list(kinds)})
         yield {key.neuron: record for key, record in neuron_records_from_rows(rows.iter_rows(named=True)).items()}
 
 

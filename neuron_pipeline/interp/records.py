@@ -100,7 +100,7 @@ def neuron_records_from_rows(rows: Iterable[Mapping]) -> dict[NeuronId, NeuronRe
     grouped: dict[NeuronId, dict[str, list[tuple[int, int, ActivationRecord]]]] = {}
     for row in rows:
         key = NeuronId(int(row["layer"]), int(row["neuron"]))
-        record = ActivationRecord(tuple(row["tokens"]), tuple(float(a) for a in row["activations"]), int(row["sequence_id"]))
+        record = ActivationRecord(tuple(row["tokens"]), tuple(map(float, row["activations"])), int(row["sequence_id"]))
         bin_index = row.get("quantile_bin")
         grouped.setdefault(key, {}).setdefault(row["kind"], []).append(
             (int(bin_index) if bin_index is not None else -1, int(row["rank"]), record)
