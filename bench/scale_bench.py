@@ -170,7 +170,9 @@ def table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {r['wall_s'] / 60:.1f} min | {fmt_bytes(r['peak_rss'])} | " + " | ".join(cells)
             + f" | {fmt_bytes(r['lake_bytes'])} | "
-            + (f"{r['viewer_files']:,} files, {fmt_bytes(r['viewer_bytes'])} |" if r["viewer_files"] else "not built |")
+            + (f"{r['viewer_files']:,} files, {fmt_bytes(r['viewer_bytes'])}" if r["viewer_files"] else "not built")
+            # A viewer build stopped part-way (a 307,200-neuron run outlasts a session): how far it got.
+            + (f" ({r['viewer_partial']}) |" if r.get("viewer_partial") else " |")
         )
     return "\n".join(lines)
 

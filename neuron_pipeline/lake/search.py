@@ -204,8 +204,11 @@ def _with_text_and_scores(lake: LakeLike, hits: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-# Similarities held at once by nearest_neighbours (rows x all rows, float32): about 256 MB.
-NEIGHBOUR_BLOCK_CELLS = 64 * 1024 * 1024
+# Similarities held at once by nearest_neighbours (rows x all rows, float32): 32 MB, about 110 MB
+# with the selection's temporaries (its int64 indices, the mask). At 256 MB the viewer's step grew
+# with the number of layers until the block filled (+0.7 GiB from 3 to 12 layers of 2,048 neurons,
+# BENCHMARKS.md); smaller blocks cost nothing measurable in the matrix product.
+NEIGHBOUR_BLOCK_CELLS = 8 * 1024 * 1024
 
 
 def nearest_neighbours(
@@ -214,8 +217,8 @@ def nearest_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query row (default: every row), the ``k`` most similar other rows that are not in
     its group (its neuron) and are ``allowed`` (a boolean mask over rows; default all), as (indices [q, k], similarities [q, k]); -1 / nan where there are fewer
-    candidates. Queries go in chunks sized so a chunk's similarities to all rows stay near 256 MB
-    (307,200 rows: 218 a chunk)."""
+    candidates. Queries go in chunks sized so a chunk's similarities to all rows stay near 32 MB
+    (307,200 rows: 27 a chunk)."""
     n = vectors.shape[0]
     queries = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     q = queries.shape[0]
@@ -232,7 +235,7 @@ def nearest_neighbours(
         if allowed is not None:
             block[:, ~allowed] = -np.inf
         take = min(k, n - 1)
-        part = np.argpartition(-block, take - 1, axis=1)[:, :take]
+        part = np.argpartition(block, n - take, axis=1)[:, n - take :]  # the largest, without a negated copy
         values = np.take_along_axis(block, part, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")
         part, values = np.take_along_axis(part, order, axis=1), np.take_along_axis(values, order, axis=1)
