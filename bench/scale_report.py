@@ -60,10 +60,13 @@ def _extrapolation(results: dict) -> list[str]:
         f"{fmt_bytes(layers * per_layer)} ({fmt_bytes(per_layer)} per layer) + the forward pass's working set; "
         f"lake {fmt_bytes(run['lake_bytes'])}.",
     ]
+    if run.get("viewer_partial"):  # its step ran, but was stopped part-way
+        finished = [s for s in finished if s != "neuron_viewer"]
     if run.get("error"):
+        partial = f"; the viewer {run['viewer_partial']}" if run.get("viewer_partial") else ""
         lines.append(
             f"This run was stopped before it finished (the session's time ran out): stages finished "
-            f"{', '.join(finished)}; the rest are not measured at this size. Rates: {rates or 'none'}."
+            f"{', '.join(finished)}{partial}; the rest are not measured at this size. Rates: {rates or 'none'}."
         )
     elif rates:
         lines.append(f"Rates on these 2 cores: {rates}.")
