@@ -90,16 +90,10 @@ def trace(config: Path, layers: str, out: Path) -> dict:
     lake = out / f"lake-{layers}"
     code = cli_main(["run", "--config", str(config), "--layers", layers, "--lake", str(lake)])
     stop.set()
-    from bench.scale_bench import STAGES
-    from bench.stages_bench import _step_windows
+    from bench.scale_bench import stage_samples
 
-    windows = _step_windows(home)
     stages = {}
-    for stage in STAGES:
-        if stage not in windows:
-            continue
-        lo, hi = windows[stage]
-        inside = [rss for t, rss in samples if lo <= t <= hi]
+    for stage, (lo, _), inside in stage_samples(home, samples):
         mine = [e for e in events if e["stage"] == stage]
         # Per-layer peak: the sampled maximum between one release and the next.
         marks = [lo] + [e["t"] for e in mine]

@@ -121,14 +121,10 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
     if process.returncode != 0:
         tail = Path(log.name).read_text().strip().splitlines()[-3:]
         error = f"neuron-pipeline run exited {process.returncode}: {tail}"
-    windows = _step_windows(home)
-    stages = {}
-    for stage in STAGES:
-        if stage not in windows:
-            continue
-        lo, hi = windows[stage]
-        inside = [rss for t, rss in samples if lo <= t <= hi]
-        stages[stage] = {"wall_s": hi - lo, "peak_rss": max(inside) if inside else 0}
+    stages = {
+        stage: {"wall_s": hi - lo, "peak_rss": max(inside) if inside else 0}
+        for stage, (lo, hi), inside in stage_samples(home, samples)
+    }
     viewer = folder / "viewer"
     return {
         "wall_s": wall,
@@ -140,6 +136,16 @@ def run_whole(folder: Path, config_text: str, extra_args: list[str] | None = Non
         "progress_lines": sum(1 for line in Path(log.name).read_text().splitlines() if line.startswith("progress ")),
         **({"error": error} if error else {}),
     }
+
+
+def stage_samples(home: Path, samples: list[tuple[float, int]]):
+    """(stage, (start, end), the RSS samples inside its step window) for each stage that ran,
+    in pipeline order, from the Dagster instance under ``home``."""
+    windows = _step_windows(home)
+    for stage in STAGES:
+        if stage in windows:
+            lo, hi = windows[stage]
+            yield stage, (lo, hi), [rss for t, rss in samples if lo <= t <= hi]
 
 
 def smollm2_config(layers: str, sequences: int = 2000) -> str:
