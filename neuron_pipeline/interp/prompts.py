@@ -35,7 +35,7 @@ def discretize(activations: Sequence[float], max_activation: float) -> list[int]
 
 
 # Characters that escaping changes (markers start with "<"). Most tokens hold none of them and are
-# returned as they are: escaping ~3,000 tokens per prompt was a visible share of an API stage's
+# returned as they are: escaping every token of every excerpt was a visible share of an API stage's
 # CPU per request (BENCHMARKS.md, "Where an API stage's CPU goes").
 _ESCAPED = re.compile(r"[\\\t\n\r<]")
 _ESCAPED_RUNNING = re.compile(r"[\\\t\n\r<>]")
