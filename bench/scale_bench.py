@@ -85,7 +85,8 @@ instance = dg.DagsterInstance.get()  # the stopped run's DAGSTER_HOME: its step 
 fail_dead_runs(instance)  # the stopped run's pool slot
 layer_stages = [dg.AssetKey(s) for s in stages if s != "neuron_viewer"]
 tags = {"dagster/asset_partition_range_start": str(min(layers)), "dagster/asset_partition_range_end": str(max(layers))}
-assert dg.materialize(list(defs.assets), selection=layer_stages, resources=defs.resources, tags=tags, instance=instance).success
+if layer_stages:  # resuming from the viewer leaves no layer stage to run
+    assert dg.materialize(list(defs.assets), selection=layer_stages, resources=defs.resources, tags=tags, instance=instance).success
 if "neuron_viewer" in stages:
     assert dg.materialize(list(defs.assets), selection=[dg.AssetKey("neuron_viewer")], resources=defs.resources, instance=instance).success
 """

@@ -179,7 +179,7 @@ class _LLMSettings(_Section):
 class ExplainerSettings(_LLMSettings):
     # A template shipped in neuron_pipeline/interp/prompts/ by name, or the path of your own
     # .txt template ({records} or {highlighted}, optionally {top_tokens}; see interp/explainer.py).
-    prompt: str = "explainer_v3"
+    prompt: str = "explainer_v4"
     max_tokens: int = Field(60, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     # Baseline explainer: how many characteristic tokens the explanation lists.

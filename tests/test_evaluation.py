@@ -193,5 +193,5 @@ def test_planted_best_of_is_ranked_by_the_evaluations_llm_simulator_and_labelled
     assert ranker.backend == "local" and ranker.model == "qwen2.5-coder-1.5b-instruct"
     greedy = settings.explainers[0].model_copy(update={"best_of": 1})
     assert _ranking_simulators(settings, [greedy]) == []  # nothing to rank: the token look-up stays
-    assert _prompt_label(settings.explainers[0], None) == "explainer_v3 · best-of-4"
-    assert _prompt_label(greedy, None) == "explainer_v3"
+    assert _prompt_label(settings.explainers[0], None) == "explainer_v4 · best-of-4"
+    assert _prompt_label(greedy, None) == "explainer_v4"

@@ -116,6 +116,36 @@ def test_cache_pays_once_and_survives_a_new_process(tmp_path):
     assert backend.calls == 5
 
 
+def test_cached_answers_keep_their_logprobs_in_the_format_of_earlier_caches(tmp_path):
+    """A top_logprobs answer goes through the cache unchanged, and is written as the JSON that
+    ``dataclasses.asdict`` gave before (so entries written by earlier versions still read)."""
+    import dataclasses
+    import json
+
+    from neuron_pipeline.interp.llm_protocol import TokenLogprobs
+    from neuron_pipeline.llm.cache import _response_from_json, _response_to_json
+
+    steps = (TokenLogprobs("cup", -0.1, {"cup": -0.1, " mug": -2.5}), TokenLogprobs("\t", 0.0, {}), TokenLogprobs("7", -0.3, {"7": -0.3, "8": -1.4}))
+    response = ChatResponse(("cup\t7",), prompt_tokens=5, completion_tokens=3, logprobs=(steps, steps[:1]))
+    text = _response_to_json(response)
+    assert json.loads(text) == json.loads(json.dumps(dataclasses.asdict(response)))
+    assert _response_from_json(text) == response
+
+    class _Logprobs:
+        model_name = "logprobs"
+        calls = 0
+
+        def chat(self, request):
+            self.calls += 1
+            return response
+
+    backend = _Logprobs()
+    path = tmp_path / "c.sqlite"
+    CachedChatModel(backend, LLMCache(path)).chat(ChatRequest(messages=(("user", "q"),), top_logprobs=5))
+    again = CachedChatModel(backend, LLMCache(path)).chat(ChatRequest(messages=(("user", "q"),), top_logprobs=5))
+    assert backend.calls == 1 and again == response
+
+
 def test_value_cache_is_per_excerpt(tmp_path):
     backend = _CountingValues()
     cached = CachedValueModel(backend, LLMCache(tmp_path / "c.sqlite"))

@@ -32,6 +32,10 @@ from neuron_pipeline.interp.simulator import (
         ("   \n  \n", ""),
         ("", ""),
         ("x" * 1000, "x" * 400),
+        # explainer_v4's shape: the quoted words first, then what they share; the quotes stay.
+        ('"window": the word "window"', '"window": the word "window"'),
+        ('"rain", "storm": weather words.', '"rain", "storm": weather words'),
+        ('"house": the noun "house"\nExcerpt 2 also', '"house": the noun "house"'),
     ],
 )
 def test_parse_explanation(completion, expected):

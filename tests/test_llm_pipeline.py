@@ -68,7 +68,7 @@ def test_local_llm_explains_simulates_and_scores_next_to_the_baseline(tmp_path):
     llm_summary = summary.filter(pl.col("explainer_id").str.starts_with("llm-"))
     # Scored by the LLM simulator only: the token look-up cannot read a prose explanation.
     assert llm_summary.height == 1 and llm_summary["simulator_id"][0].startswith("per_token-")
-    assert llm_summary["explainer_label"][0] == "smollm2-135m-instruct · explainer_v3"
+    assert llm_summary["explainer_label"][0] == "smollm2-135m-instruct · explainer_v4"
     assert llm_summary["simulator_label"][0] == "smollm2-135m-instruct · simulator_per_token_v1 · per-token"
     assert llm_summary["baseline_mean_score"].is_not_null().all()
     assert first["explanations"]["cache_misses"] >= 1

@@ -92,7 +92,8 @@ def test_prefill_moves_into_the_prompt_for_chat_servers():
     [
         ("explainer_v1", "The main thing neuron C does is find"),  # ends in an assistant prefill
         ("explainer_v2", "The main thing this neuron does is find ..."),  # no prefill
-        ("explainer_v3", "The main thing this neuron does is find ..."),  # the default: no prefill
+        ("explainer_v3", "The main thing this neuron does is find ..."),  # no prefill
+        ("explainer_v4", 'Strongest tokens: "cup" (10), "tea" (6)'),  # the default: ends with the strongest tokens
     ],
 )
 @pytest.mark.parametrize("style", ["continue", "sentence", "echo", "garbage"])
@@ -127,9 +128,9 @@ def test_labels_name_model_prompt_and_variant(monkeypatch):
     with FakeOpenAIServer() as fake:
         api = {k: v for k, v in _api(fake).items() if k != "max_retries"}
         assert explainer_label(make_explainer(ExplainerSettings())) == "baseline · top tokens (8)"
-        assert explainer_label(make_explainer(ExplainerSettings(**api))) == "fake-model · explainer_v3"
+        assert explainer_label(make_explainer(ExplainerSettings(**api))) == "fake-model · explainer_v4"
         refined = make_explainer(ExplainerSettings(**api, best_of=4, revise=True))
-        assert explainer_label(refined) == "fake-model · explainer_v3 · best of 4 + revision"
+        assert explainer_label(refined) == "fake-model · explainer_v4 · best of 4 + revision"
         assert simulator_label(make_simulator(SimulatorSettings())) == "baseline · token look-up"
         assert simulator_label(make_simulator(SimulatorSettings(**api, mode="prompt_logprobs"))) == "fake-model · simulator_v1 · all-at-once"
         chat = make_simulator(SimulatorSettings(**api, mode="top_logprobs", calibrate=True))
@@ -257,8 +258,8 @@ def _run(tmp_path: Path, config: Path) -> int:
 @pytest.mark.parametrize(
     "case, expected",
     [
-        ("explainer calls fail", "explainer llm-{e} (fake-model · explainer_v3): 4 of 4 explanations failed (first error: LLMRequestError: "),
-        ("explainer answers garbage", "explainer llm-{e} (fake-model · explainer_v3): 4 of 4 explanations failed (4 unusable; first error: unusable completion: '<start>"),
+        ("explainer calls fail", "explainer llm-{e} (fake-model · explainer_v4): 4 of 4 explanations failed (first error: LLMRequestError: "),
+        ("explainer answers garbage", "explainer llm-{e} (fake-model · explainer_v4): 4 of 4 explanations failed (4 unusable; first error: unusable completion: '<start>"),
         ("simulator answers prose", "simulator chat-{s} (fake-model · simulator_v1 · chat integers): 8 of 8 simulations failed (8 unusable; "),
     ],
 )
@@ -305,7 +306,7 @@ def test_partial_failures_are_visible_in_summary_metadata_viewer_and_show(tmp_pa
     lake = tmp_path / "lake"
     explanations = read_table(lake, "explanations")
     llm = explanations.filter(pl.col("explainer_id").str.starts_with("llm-"))
-    assert llm["error"].is_not_null().sum() == 2 and set(llm["explainer_label"]) == {"fake-model · explainer_v3"}
+    assert llm["error"].is_not_null().sum() == 2 and set(llm["explainer_label"]) == {"fake-model · explainer_v4"}
     llm_id = llm["explainer_id"][0]
     simulations = read_table(lake, "simulations")
     failed = simulations.filter(pl.col("error").is_not_null())
@@ -325,7 +326,7 @@ def test_partial_failures_are_visible_in_summary_metadata_viewer_and_show(tmp_pa
 
     # Run summary: labels, ids and the failure table.
     # (rich wraps long labels inside their cells)
-    for text in ("fake-model · explainer_v3", "fake-model · simulator_v1", llm_id, chat_id,
+    for text in ("fake-model · explainer_v4", "fake-model · simulator_v1", llm_id, chat_id,
                  "failed or unusable LLM calls", "LLMRequestError"):
         assert text in out, text
 
@@ -341,19 +342,19 @@ def test_partial_failures_are_visible_in_summary_metadata_viewer_and_show(tmp_pa
     assert reports["explanations"][llm_id]["first_error"].startswith("LLMRequestError")
     assert (reports["simulations"][chat_id]["attempted"], reports["simulations"][chat_id]["unusable"]) == (6, 1)
     by_pair = instance.get_latest_materialization_event(dg.AssetKey("scores")).asset_materialization.metadata["scores_by_pair"]
-    assert "fake-model · explainer_v3" in by_pair.value and "baseline · token look-up" in by_pair.value
+    assert "fake-model · explainer_v4" in by_pair.value and "baseline · token look-up" in by_pair.value
     instance.dispose()
 
     # Viewer: headline per pair with neuron counts, labels, the failure table; no meaningless pair.
     index = (tmp_path / "viewer" / "index.html").read_text()
     assert "Scores by explainer → simulator" in index and "Failed or unusable LLM calls" in index
-    assert "fake-model · explainer_v3" in index and "baseline · token look-up" in index
-    assert "fake-model · explainer_v3 <span class=\"arrow\">→</span> baseline · token look-up" not in index
+    assert "fake-model · explainer_v4" in index and "baseline · token look-up" in index
+    assert "fake-model · explainer_v4 <span class=\"arrow\">→</span> baseline · token look-up" not in index
     assert "mean score" in index
 
     # show: labels next to the ids.
     failed_neuron = int(llm.filter(pl.col("error").is_not_null())["neuron"][0])
     assert main(["show", "0", str(failed_neuron), "--lake", str(lake)]) == 0
     shown = capsys.readouterr().out
-    assert "fake-model · explainer_v3" in shown and "(failed: LLMRequestError" in shown
+    assert "fake-model · explainer_v4" in shown and "(failed: LLMRequestError" in shown
     assert "baseline · token look-up" in shown

@@ -49,7 +49,7 @@ def make_explainer_id(kind: str, model_name: str, prompt_hash: str, params: dict
 
 def load_explainer_template(name: str, output_tokens: bool = False) -> PromptTemplate:
     """An explainer template shows the excerpts as token<TAB>value lines ({records}, explainer_v1)
-    or as running text with the firing tokens marked ({highlighted}, explainer_v2 and v3), optionally with
+    or as running text with the firing tokens marked ({highlighted}, explainer_v2 to v4), optionally with
     a summary of the strongest tokens ({top_tokens}); an output-aware one also {output_tokens}."""
     template = load_template(
         name, required=("output_tokens",) if output_tokens else (), optional=("records", "highlighted", "top_tokens")
@@ -166,7 +166,7 @@ class LLMExplainer:
     def __init__(
         self,
         model: ChatModel,
-        template_name: str = "explainer_v3",
+        template_name: str = "explainer_v4",
         max_tokens: int = 60,
         temperature: float = 0.0,
         output_tokens: bool = False,

@@ -117,28 +117,44 @@ VALUE_TOKENS = tuple(str(v) for v in VALUES)
 DIGIT_TOKENS = tuple(str(v) for v in range(10))
 
 
+_VALUE_TOKEN_SET = frozenset(VALUE_TOKENS)
+
+
 def captured_value_mass(top: dict[str, float], value_tokens: Sequence[str] = VALUE_TOKENS) -> float:
     """Of the value tokens' probability mass at one position, the share a top-k answer shows
     (``top``: token -> logprob, the k alternatives listed). A value token missing from the list
     has a probability of at most the smallest one listed, and all missing ones together at most
     what the list leaves of 1; so the share returned is a lower bound, exact (1.0) when every
     value token is listed. 0.0 when no value token is listed."""
-    wanted = set(value_tokens)
-    captured, present, listed = 0.0, set(), []
-    for token, logprob in top.items():
+    return _slot_reading(top, _VALUE_TOKEN_SET if value_tokens is VALUE_TOKENS else frozenset(value_tokens))[1]
+
+
+def _slot_reading(candidates: dict[str, float], wanted: frozenset[str]) -> tuple[float | None, float]:
+    """(expected value over 0..10, captured value mass) at one value slot, in one pass over its
+    alternatives (plain Python: a simulation answer has one slot per excerpt token, and numpy's
+    per-call overhead on eleven numbers cost more than the arithmetic). The expected value is
+    None when no alternative is a value."""
+    probs = [0.0] * (MAX_VALUE + 1)
+    captured, listed_sum, listed_min, present = 0.0, 0.0, math.inf, set()
+    for text, logprob in candidates.items():
         p = math.exp(logprob) if logprob > -math.inf else 0.0
-        listed.append(p)
-        key = token.strip()
+        listed_sum += p
+        listed_min = min(listed_min, p)
+        key = text.strip()
+        if key.isdigit() and int(key) <= MAX_VALUE:
+            probs[int(key)] += p
         if key in wanted:
             captured += p
             present.add(key)
+    total = sum(probs)
+    expected = sum(k * p for k, p in enumerate(probs)) / total if total > 0 else None
     missing = len(wanted - present)
     if missing == 0:
-        return 1.0
+        return expected, 1.0
     if captured <= 0:
-        return 0.0
-    unseen = min(max(0.0, 1.0 - sum(listed)), missing * min(listed))
-    return captured / (captured + unseen)
+        return expected, 0.0
+    unseen = min(max(0.0, 1.0 - listed_sum), missing * listed_min)
+    return expected, captured / (captured + unseen)
 
 
 def values_from_top_logprobs(completion_logprobs, n_tokens: int) -> list[float] | None:
@@ -157,16 +173,11 @@ def values_and_mass_from_top_logprobs(completion_logprobs, n_tokens: int) -> tup
     for token in completion_logprobs:
         if after_tab:
             after_tab = False
-            candidates = {**token.top, token.token: token.logprob}
-            probs = np.zeros(MAX_VALUE + 1)
-            for text, logprob in candidates.items():
-                key = text.strip()
-                if key.isdigit() and int(key) <= MAX_VALUE:
-                    probs[int(key)] += math.exp(logprob)
-            if probs.sum() == 0:
+            value, mass = _slot_reading({**token.top, token.token: token.logprob}, _VALUE_TOKEN_SET)
+            if value is None:
                 return None
-            expected.append(float(expected_values(probs)))
-            masses.append(captured_value_mass(candidates))
+            expected.append(value)
+            masses.append(mass)
         if token.token.endswith("\t"):
             after_tab = True
     return (expected[:n_tokens], masses[:n_tokens]) if len(expected) >= n_tokens else None

@@ -959,14 +959,24 @@ def _parse_chat_logprobs(logprobs: Any) -> tuple[TokenLogprobs, ...] | None:
     if not isinstance(content, list) or not content:
         return None
     steps = []
+    # Inlined (a top_logprobs answer has hundreds of tokens, each with up to 20 alternatives):
+    # a finite float from the JSON is taken as it is, anything else goes through _logprob.
     for entry in content:
-        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        token = entry.get("token") if isinstance(entry, dict) else None
+        if not isinstance(token, str):
             raise _Malformed("a logprobs entry has no 'token'")
         top: dict[str, float] = {}
-        for alternative in entry.get("top_logprobs") or []:
-            if isinstance(alternative, dict) and isinstance(alternative.get("token"), str):
-                _add_logprob(top, alternative["token"], alternative.get("logprob"))
-        steps.append(TokenLogprobs(entry["token"], _logprob(entry.get("logprob")), top))
+        for alternative in entry.get("top_logprobs") or ():
+            if not isinstance(alternative, dict):
+                continue
+            name = alternative.get("token")
+            if not isinstance(name, str):
+                continue
+            value = alternative.get("logprob")
+            lp = value if type(value) is float and value == value else _logprob(value)
+            top[name] = float(np.logaddexp(top[name], lp)) if name in top else lp
+        value = entry.get("logprob")
+        steps.append(TokenLogprobs(token, value if type(value) is float and value == value else _logprob(value), top))
     return tuple(steps)
 
 
