@@ -217,6 +217,34 @@ def test_a_failed_flush_stops_the_run_with_its_error():
     assert flushed == [0]  # nothing after the failed layer is written
 
 
+def test_a_layer_that_cannot_be_planned_stops_the_run_after_the_planned_layers_finish():
+    """A layer failing its upstream gate while it is planned (on the prefetch thread, ahead of the
+    window): none of its tasks run, the layers planned before it are finished and flushed, and
+    the gate's error is what the run raises."""
+    from neuron_pipeline.assets.layered import run_by_layer
+
+    for workers in (1, 4):
+        flushed, worked = [], []
+
+        def plan(layer):
+            if layer == 2:
+                raise ValueError("layer 2 failed its upstream gate")
+            return {"layer": layer, "n": 0}, range(16)
+
+        def work(task):
+            worked.append(task)
+            time.sleep(0.001)
+            return task
+
+        def collect(state, task, result):
+            state["n"] += 1
+
+        with pytest.raises(ValueError, match="layer 2 failed"):
+            run_by_layer(range(5), plan, work, collect, lambda layer, state: flushed.append((layer, state["n"])), workers)
+        assert flushed == [(0, 16), (1, 16)], workers  # whole layers, nothing of layer 2 or after
+        assert len(worked) == 32
+
+
 def test_peak_memory_of_a_run_is_flat_in_the_number_of_layers(tmp_path):
     """Every stage reads, writes and frees one layer at a time: a run over 4 layers peaks within a
     bound measured on a 1-layer run of the same model (plus the capture's own kept state for the

@@ -118,10 +118,11 @@ class UpstreamGate:
     ``result()`` is the passing check result once every layer was checked. A stage that walks its
     layers on the calling thread (the embeddings) checks each layer right before reading it, so a
     corrupt layer stops it before anything of that layer is computed (layers before it are kept,
-    as after any interrupted run). The API stages validate every layer first (``gate_upstream``):
-    checking a layer on their prefetch thread while calls are in flight showed no clear gain (their
-    utilization is bound by their own CPU per request; BENCHMARKS.md). Layers with no stored rows are left to the asset (it says what to
-    materialize first)."""
+    as after any interrupted run). The explanations stage checks each layer of activation_records
+    when it plans the layer, on its prefetch thread while the previous layer's calls are in flight
+    (``run_by_layer`` then finishes the layers planned before a corrupt one and raises); the
+    stages whose upstream is small validate every layer first (``gate_upstream``). Layers with no
+    stored rows are left to the asset (it says what to materialize first)."""
 
     def __init__(self, table: str, upstream: str, lake, settings):
         from neuron_pipeline.lake import read_table

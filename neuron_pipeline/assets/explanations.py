@@ -16,7 +16,7 @@ from neuron_pipeline.assets.checks import (
     check_rows,
     gate,
     combine_reports,
-    gate_upstream,
+    UpstreamGate,
     quality_check_spec,
     upstream_check_spec,
 )
@@ -272,10 +272,11 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         settings, lake = pipeline.settings, pipeline.lake
         layers = layers_of(context)
         totals = {"explained": 0, "new_calls": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        # Every layer's stored records are validated before the first request. (Validating each
-        # layer on the prefetch thread, ahead of the window, was tried: no clear gain in single runs,
-        # because the stage is bound by its own CPU per request, not by the gate; BENCHMARKS.md.)
-        upstream = yield from gate_upstream("explanations", "activation_records", lake, layers, settings)
+        # Each layer's stored records are validated when the layer is planned (on the prefetch
+        # thread, while the previous layer's calls are in flight): a corrupt layer is never sent,
+        # the layers planned before it finish, and the first request does not wait for the whole
+        # run's records to be validated (seconds per layer at GPT-2 XL's 6,400 neurons).
+        upstream_gate = UpstreamGate("explanations", "activation_records", lake, settings)
         plan = run_plan(settings, context.log.info)  # the bill of the configured run, before anything is paid
         neurons_of = {layer: layer_neurons(lake, layer) for layer in layers}
         missing = [layer for layer in layers if not neurons_of[layer]]
@@ -293,6 +294,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 wanted_of = selections(explainer_settings.neurons, explainer_layers, neurons_of, lake, settings, context.log)
 
                 def load(layer, explainer=explainer, wanted_of=wanted_of):
+                    upstream_gate.check(layer)
                     wanted = wanted_of[layer]
                     existing = read_table(lake, "explanations", where={"layer": str(layer), "explainer_id": explainer.explainer_id})
                     outputs = load_output_tokens(lake, layer) if getattr(explainer, "uses_output_tokens", False) else None
@@ -321,6 +323,7 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                         explainer, explainer_layers, load, settings.records, model_id, flush,
                         workers=llm_workers(explainer_settings), progress=bar.update,
                     )
+            upstream = upstream_gate.result(layers)  # (layers no explainer selected are checked here)
         except QualityGateFailed as failed:
             yield failed.result
             raise failed.failure from None

@@ -98,7 +98,9 @@ def run_by_layer(
     states of the layers that have tasks in flight (one layer, when ``workers <= 1``).
 
     ``collect`` and ``flush`` run on the calling thread; ``work`` on worker threads and ``plan``
-    on a prefetch thread (ahead of the window) when ``workers > 1``. (Flushing on a writer thread
+    on a prefetch thread (ahead of the window) when ``workers > 1``. When ``plan`` raises (a
+    layer failing its upstream gate), no further layer is planned: the layers already planned
+    finish and are flushed, then the error is raised. (Flushing on a writer thread
     instead was measured and dropped: the quality gate's Python work then competes for the GIL with
     the client's event loop, and at concurrency 256 the explanation stage kept 0.22 of the limit
     busy instead of 0.42; BENCHMARKS.md.)"""
@@ -111,10 +113,16 @@ def run_by_layer(
         del state
         release_memory(collect=workers <= 1)
 
+    stopped: list[Exception] = []
+
     def tasks() -> Iterator[tuple[int, Any]]:
         # With workers > 1 this runs on a prefetch thread, ahead of the window: it only plans.
         for layer in layers:
-            state, items = plan(layer)
+            try:
+                state, items = plan(layer)
+            except Exception as exc:  # noqa: BLE001 - raised once the planned layers are done
+                stopped.append(exc)
+                return
             open_layers[layer] = [state, 0, None]
             del state
             planned = 0
@@ -135,6 +143,8 @@ def run_by_layer(
             entry[1] += 1
         if entry[1] == entry[2]:
             finish(layer)
+    if stopped:
+        raise stopped[0]
 
 
 class _Planned:
