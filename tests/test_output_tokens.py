@@ -145,3 +145,39 @@ def test_asset_fills_every_neuron_of_its_layers_once_per_model(tmp_path):
     events = second.get_asset_materialization_events()
     assert {e.partition for e in events} == {"0", "1"}
     assert all(e.materialization.metadata["layers_unchanged"].value == "[0, 1]" for e in events)
+
+
+def test_the_subject_model_is_let_go_after_the_last_step_of_a_run_that_loads_it(tmp_path, monkeypatch):
+    """Within a run the capture keeps the loaded model for the output tokens; the last of the two
+    in the run lets it go, so the stages after them do not carry the weights (a whole-model run's
+    memory after the capture is then flat in the number of layers; BENCHMARKS.md)."""
+    from neuron_pipeline.assets import resources
+
+    settings = small_settings(tmp_path / "lake", layers="0-1")
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    tags = {"dagster/asset_partition_range_start": "0", "dagster/asset_partition_range_end": "1"}
+    seen = {}
+    real_release = resources.SubjectModelResource.release_unless_needed_by
+
+    def spy(self, context, *later):
+        seen.setdefault(context.op_def.name, []).append(bool(resources._LOADED_SUBJECTS))
+        real_release(self, context, *later)
+        seen[context.op_def.name].append(bool(resources._LOADED_SUBJECTS))
+
+    def run(*keys):
+        seen.clear()
+        result = dg.materialize(
+            list(defs.assets), selection=[dg.AssetKey(k) for k in keys], resources=defs.resources, instance=instance, tags=tags
+        )
+        assert result.success
+        return dict(seen)
+
+    monkeypatch.setattr(resources.SubjectModelResource, "release_unless_needed_by", spy)
+    assert dg.materialize(list(defs.assets), selection=[dg.AssetKey("corpus_tokens")], resources=defs.resources, instance=instance).success
+    # capture and output tokens in one run: the capture keeps the model, the output tokens let it go
+    both = run("activation_records", "neuron_activations", "neuron_output_tokens")
+    assert both == {"capture": [True, True], "neuron_output_tokens": [True, False]}, both
+    # the capture alone is the run's last user of the model
+    assert run("activation_records", "neuron_activations") == {"capture": [True, False]}
+    assert not resources._LOADED_SUBJECTS

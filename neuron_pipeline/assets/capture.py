@@ -175,6 +175,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
                 release_memory()
         stats_report = combine_reports("neuron_activations", stats_reports)
         records_report = combine_reports("activation_records", records_reports)
+        del subject, captures
+        subject_model.release_unless_needed_by(context, "neuron_output_tokens")
 
         common = {
             "layers": str(layers),

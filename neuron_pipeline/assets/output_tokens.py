@@ -102,6 +102,8 @@ def build(partitions: dg.PartitionsDefinition, op_tags: dict | None = None) -> d
         report = yield from gate("neuron_output_tokens", pl.concat([new, *kept_frames]), params)
         if computed:
             write_table(lake, "neuron_output_tokens", new, replace_where={"layer": [str(layer) for layer in computed]})
+        del subject, unembed
+        subject_model.release_unless_needed_by(context)  # the last step of a run that uses the model
         publish_layers(context, "neuron_output_tokens", pl.concat([new, *kept_frames]))
         yield dg.MaterializeResult(
             check_results=[check_result(report)],

@@ -12,6 +12,7 @@ from neuron_pipeline.interp.explainer import Explainer
 from neuron_pipeline.interp.simulator import Simulator
 from neuron_pipeline.lake import Lake
 from neuron_pipeline.llm import LLMCache, make_explainer, make_scorer, make_simulator
+from neuron_pipeline.memory import release_memory
 from neuron_pipeline.subject import Subject, load_subject
 
 
@@ -59,6 +60,20 @@ class SubjectModelResource(dg.ConfigurableResource):
 
     def tokenizer(self):
         return self.load().tokenizer
+
+    def release_unless_needed_by(self, context: dg.AssetExecutionContext, *later: str) -> None:
+        """Let the weights go when no asset of ``later`` (steps after this one that load the model)
+        is in this run. In a whole-model run the capture pages in every layer's weights (its
+        forward pass stops at the range's deepest layer), so the stages after it would otherwise
+        carry the model, and more of it in a run of more layers (BENCHMARKS.md, "A whole model on
+        one machine"). The caller drops its own references first; a later run loads it again."""
+        # The assets this run executes (the run's own asset_selection is empty for an ad-hoc
+        # selection; the job's asset layer holds it). Unknown: keep the model.
+        selection = getattr(context.job_def.asset_layer, "selected_asset_keys", None)
+        if later and (selection is None or any(dg.AssetKey(name) in selection for name in later)):
+            return
+        _LOADED_SUBJECTS.clear()
+        release_memory()
 
 
 class LLMResource(dg.ConfigurableResource):
