@@ -389,7 +389,7 @@ def write_report(frame: pl.DataFrame, path: Path, command: str, notes: str = "")
                 )
             else:
                 lines.append(
-                    f"- **Named by {r['explainer_model']}** ({_fmt(r['value'])}): "
+                    f"- **Named by {r['explainer_model']}**" + (f" ({r['prompt']})" if r["prompt"] else "") + f": {_fmt(r['value'])}; "
                     + "; ".join(f"{name}: {text!r}" for name, text in details["explanations"].items())
                 )
         lines.append("")

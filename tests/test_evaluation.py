@@ -195,3 +195,16 @@ def test_planted_best_of_is_ranked_by_the_evaluations_llm_simulator_and_labelled
     assert _ranking_simulators(settings, [greedy]) == []  # nothing to rank: the token look-up stays
     assert _prompt_label(settings.explainers[0], None) == "explainer_v4 · best-of-4"
     assert _prompt_label(greedy, None) == "explainer_v4"
+
+
+def test_the_report_tells_apart_two_prompts_of_one_explainer_model(tmp_path):
+    """Two prompts of the same explainer model on the planted neurons: each line names its prompt."""
+    from neuron_pipeline.evaluation import EvaluationRow, evaluation_frame, write_report
+
+    rows = [
+        EvaluationRow("planted_named", "qwen", "", prompt, value, 3, details={"named": {}, "explanations": {"house": text}})
+        for prompt, value, text in (("explainer_v4", 1.0, '"house": the word "house"'), ("explainer_v3", 0.0, "rooms"))
+    ]
+    text = write_report(evaluation_frame(rows, 34), tmp_path / "EVALUATION.md", "neuron-pipeline eval").read_text()
+    assert "- **Named by qwen** (explainer_v4): 1.000; house: '\"house\": the word \"house\"'" in text
+    assert "- **Named by qwen** (explainer_v3): 0.000; house: 'rooms'" in text
