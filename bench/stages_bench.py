@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -120,7 +121,10 @@ def run_one(tmp: Path, concurrency: int, scenario: tuple, latency_s: float, wave
     name, server_mode, _, _ = scenario
     sizes = _sizes(concurrency, name, waves)
     folder = tmp / f"{name}-c{concurrency}"
-    folder.mkdir(parents=True, exist_ok=True)
+    # A fresh lake each time: an earlier run's LLM cache would answer the same prompts for free
+    # and the stage would send nothing (as happened when the explainer prompt alone changed).
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     with FakeOpenAIServer(latency_s=latency_s, logprobs_mode=server_mode, max_lifetime_s=3600) as fake:
         offset = time.time() - time.monotonic()  # the server records monotonic times; Dagster wall times
         config = _config(folder / "config.yaml", fake.base_url, f"fake-{name}-c{concurrency}", concurrency, scenario, sizes)
