@@ -184,7 +184,12 @@ def test_layer_range_is_one_forward_pass_and_single_layer_stops_early(tmp_path):
         stats = read_table(settings.lake_location.folder, "neuron_activations")
         assert sorted(stats["layer"].unique().to_list()) == ["0", "1", "2"]
 
-        counter.calls = {layer: 0 for layer in counter.calls}
+        # The capture was the run's last step that loads the model: it let the model go, and the
+        # next run loads it again (the counter goes on the newly loaded one).
+        counter.close()
+        reloaded = SubjectModelResource(pipeline=defs.resources["pipeline"]).load()
+        assert reloaded is not subject
+        counter = _ForwardCounter(reloaded, [0, 1, 2, 3])
         assert _materialize(defs, ["neuron_activations", "activation_records"], partition_key="1", instance=instance).success
         # Layer 1 alone: the pass stops inside layer 1 (its MLP input is the last thing computed).
         assert counter.calls == {0: batches, 1: batches, 2: 0, 3: 0}
