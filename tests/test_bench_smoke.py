@@ -137,3 +137,21 @@ def test_only_replaces_its_own_sections_and_target_rows():
     assert "old layers" not in merged and "new layers" in merged and "_Measured in its own run, `cmd`. Section time: 5 s._" in merged
     assert "| 2. | new | 3 | 2 | **missed** |" in merged and "| 2. | old |" not in merged
     assert merged.index("## 2. Layers") < merged.index(BEGIN)
+
+
+def test_the_whole_model_section_compares_each_stage_between_the_two_smollm2_runs():
+    """The flatness line names each stage after the output tokens with its growth from the
+    smaller run to the larger, computed from the runs' own per-stage peaks."""
+    from bench.scale_report import render
+
+    def run(peaks: dict[str, float]) -> dict:
+        stages = {s: {"wall_s": 10.0, "peak_rss": int(gib * 2**30)} for s, gib in peaks.items()}
+        return {"wall_s": 600.0, "peak_rss": max(v["peak_rss"] for v in stages.values()), "stages": stages,
+                "lake_bytes": 2**20, "viewer_files": 3, "viewer_bytes": 2**20}  # fmt: skip
+
+    results = {
+        "smollm2:0-9": run({"capture": 2.0, "explanations": 1.0, "simulations": 1.2, "neuron_viewer": 1.5}),
+        "smollm2:0-29": run({"capture": 2.6, "explanations": 1.05, "simulations": 1.5, "neuron_viewer": 1.5}),
+    }
+    text = render(results, None)
+    assert "+30 %; each stage after the output tokens (target: within 10 %): explanations +5 %, simulations +25 %, neuron_viewer +0 %." in text
