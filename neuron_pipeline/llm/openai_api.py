@@ -959,8 +959,8 @@ def _parse_chat_logprobs(logprobs: Any) -> tuple[TokenLogprobs, ...] | None:
     if not isinstance(content, list) or not content:
         return None
     steps = []
-    # Inlined (a top_logprobs answer has hundreds of tokens, each with up to 20 alternatives):
-    # a finite float from the JSON is taken as it is, anything else goes through _logprob.
+    # The alternatives' loop is inlined (a top_logprobs answer has hundreds of tokens, each with
+    # up to 20 alternatives).
     for entry in content:
         token = entry.get("token") if isinstance(entry, dict) else None
         if not isinstance(token, str):
@@ -972,15 +972,15 @@ def _parse_chat_logprobs(logprobs: Any) -> tuple[TokenLogprobs, ...] | None:
             name = alternative.get("token")
             if not isinstance(name, str):
                 continue
-            value = alternative.get("logprob")
-            lp = value if type(value) is float and value == value else _logprob(value)
+            lp = _logprob(alternative.get("logprob"))
             top[name] = float(np.logaddexp(top[name], lp)) if name in top else lp
-        value = entry.get("logprob")
-        steps.append(TokenLogprobs(token, value if type(value) is float and value == value else _logprob(value), top))
+        steps.append(TokenLogprobs(token, _logprob(entry.get("logprob")), top))
     return tuple(steps)
 
 
 def _logprob(value: Any) -> float:
+    if type(value) is float and value == value:  # the common case: a finite float from the JSON
+        return value
     try:
         result = float(value)
     except (TypeError, ValueError):
